@@ -1,0 +1,215 @@
+//! Building blocks shared by the decoder models: linear layers with fused weights, RMSNorm,
+//! rotary embeddings and the SiLU-gated MLP.
+
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::{Activation, VarBuilder};
+
+use crate::error::Result;
+
+/// A bias-free linear layer `y = x W^T` over the last dimension of `x`.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// Loads `weight` (`[out, in]`) and, when `bias` is set, `bias` from `vb`.
+    pub fn load(vb: VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
+        let weight = vb.get((out_dim, in_dim), "weight")?;
+        let bias = if bias {
+            Some(vb.get(out_dim, "bias")?)
+        } else {
+            None
+        };
+        Ok(Self { weight, bias })
+    }
+
+    /// A layer over an existing weight (tied embeddings).
+    pub fn from_weight(weight: Tensor) -> Self {
+        Self { weight, bias: None }
+    }
+
+    /// Several projections of the same input fused into one: their weights are concatenated
+    /// along the output dimension once at load, so that each step runs one matmul instead of
+    /// several.
+    pub fn fused(parts: &[Linear]) -> Result<Self> {
+        let weights: Vec<&Tensor> = parts.iter().map(|p| &p.weight).collect();
+        let weight = Tensor::cat(&weights, 0)?;
+        let bias = if parts.iter().all(|p| p.bias.is_some()) {
+            let biases: Vec<&Tensor> = parts.iter().filter_map(|p| p.bias.as_ref()).collect();
+            Some(Tensor::cat(&biases, 0)?)
+        } else {
+            None
+        };
+        Ok(Self { weight, bias })
+    }
+
+    /// The weight, `[out, in]`.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        // Flatten the leading dimensions so that the product is a single 2-D matmul against the
+        // transposed (strided, never copied) weight.
+        let dims = x.dims();
+        let in_dim = dims[dims.len() - 1];
+        let rows: usize = dims[..dims.len() - 1].iter().product();
+        let y = x.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
+        let y = match &self.bias {
+            Some(bias) => y.broadcast_add(bias)?,
+            None => y,
+        };
+        let mut out_dims = dims.to_vec();
+        out_dims[dims.len() - 1] = self.weight.dim(0)?;
+        y.reshape(out_dims)
+    }
+}
+
+/// Root-mean-square normalisation: `x / sqrt(mean(x^2) + eps) * weight`, computed in f32 as
+/// transformers does. Uses candle's fused kernel.
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f32,
+}
+
+impl RmsNorm {
+    /// Loads `weight` of size `dim`.
+    pub fn load(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get(dim, "weight")?,
+            eps: eps as f32,
+        })
+    }
+}
+
+impl Module for RmsNorm {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps)
+    }
+}
+
+/// Rotary position embeddings in the "rotate half" layout of Llama and Mistral.
+#[derive(Debug, Clone)]
+pub struct RotaryEmbedding {
+    inv_freq: Vec<f32>,
+}
+
+/// Cosines and sines for one step, `[batch, seq, head_dim / 2]` each.
+#[derive(Debug, Clone)]
+pub struct RotaryTables {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl RotaryEmbedding {
+    /// Frequencies `1 / theta^(2i / head_dim)`, computed in f32 as transformers does.
+    pub fn new(head_dim: usize, rope_theta: f64) -> Self {
+        let inv_freq = (0..head_dim)
+            .step_by(2)
+            .map(|i| 1.0f32 / (rope_theta as f32).powf(i as f32 / head_dim as f32))
+            .collect();
+        Self { inv_freq }
+    }
+
+    /// The tables for `positions` (row-major `[batch, seq]`).
+    pub fn tables(
+        &self,
+        positions: &[u32],
+        batch: usize,
+        seq: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<RotaryTables> {
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(positions.len() * half);
+        let mut sin = Vec::with_capacity(positions.len() * half);
+        for &position in positions {
+            for &freq in &self.inv_freq {
+                // The angle is rounded to f32 before cos/sin, as in transformers' cached tables.
+                let angle = position as f32 * freq;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        let shape = (batch, seq, half);
+        Ok(RotaryTables {
+            cos: Tensor::from_vec(cos, shape, device)?.to_dtype(dtype)?,
+            sin: Tensor::from_vec(sin, shape, device)?.to_dtype(dtype)?,
+        })
+    }
+}
+
+impl RotaryTables {
+    /// Rotates `x` (`[batch, heads, seq, head_dim]`), each row at its own positions. Uses
+    /// candle's fused kernel.
+    pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::rotary_emb::rope(
+            &x.contiguous()?,
+            &self.cos,
+            &self.sin,
+        )?)
+    }
+}
+
+/// `down(act(gate(x)) * up(x))`, with gate and up fused into one projection at load.
+#[derive(Debug, Clone)]
+pub struct GatedMlp {
+    gate_up: Linear,
+    down: Linear,
+    activation: Activation,
+    intermediate_size: usize,
+    span: tracing::Span,
+}
+
+impl GatedMlp {
+    /// Loads `gate_proj`, `up_proj` and `down_proj` (the Llama/Mistral names).
+    pub fn load(
+        vb: VarBuilder,
+        hidden_size: usize,
+        intermediate_size: usize,
+        activation: Activation,
+    ) -> Result<Self> {
+        Self::load_named(
+            vb,
+            ["gate_proj", "up_proj", "down_proj"],
+            hidden_size,
+            intermediate_size,
+            activation,
+        )
+    }
+
+    /// Loads the three projections under other names (Mixtral's experts call them w1, w3, w2).
+    pub fn load_named(
+        vb: VarBuilder,
+        [gate, up, down]: [&str; 3],
+        hidden_size: usize,
+        intermediate_size: usize,
+        activation: Activation,
+    ) -> Result<Self> {
+        let gate = Linear::load(vb.pp(gate), hidden_size, intermediate_size, false)?;
+        let up = Linear::load(vb.pp(up), hidden_size, intermediate_size, false)?;
+        Ok(Self {
+            gate_up: Linear::fused(&[gate, up])?,
+            down: Linear::load(vb.pp(down), intermediate_size, hidden_size, false)?,
+            activation,
+            intermediate_size,
+            span: tracing::span!(tracing::Level::TRACE, "mlp"),
+        })
+    }
+}
+
+impl Module for GatedMlp {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let _enter = self.span.enter();
+        let gate_up = self.gate_up.forward(x)?;
+        let gate = gate_up.narrow(D::Minus1, 0, self.intermediate_size)?;
+        let up = gate_up.narrow(D::Minus1, self.intermediate_size, self.intermediate_size)?;
+        let hidden = (self.activation.forward(&gate)? * up)?;
+        self.down.forward(&hidden)
+    }
+}

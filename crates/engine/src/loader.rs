@@ -1,0 +1,437 @@
+//! Resolve a model (a local folder, a hub id or the bundled default) to its files, and open its
+//! weights as a [`VarBuilder`].
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::{SimpleBackend, VarBuilder};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::error::{EngineError, Result};
+
+/// Where a model comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelSource {
+    /// A folder holding config.json, the safetensors weights and the tokenizer files.
+    Dir(PathBuf),
+    /// A Hugging Face hub repository, fetched through the local hub cache.
+    Hub { repo: String, revision: String },
+    /// The tiny random-weight Mistral compiled into the binary, so that Candlewick runs with
+    /// nothing downloaded.
+    Bundled,
+}
+
+impl ModelSource {
+    /// Reads `DIR_OR_ID`: an existing folder is a folder, `owner/name[@revision]` is a hub id.
+    pub fn parse(spec: &str) -> Result<Self> {
+        let path = Path::new(spec);
+        if path.is_dir() {
+            return Ok(Self::Dir(path.to_path_buf()));
+        }
+        let (repo, revision) = match spec.split_once('@') {
+            Some((repo, revision)) => (repo, revision),
+            None => (spec, "main"),
+        };
+        let looks_like_hub_id = repo.split('/').count() <= 2
+            && !repo.is_empty()
+            && !repo.starts_with(['.', '/', '~'])
+            && repo
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c));
+        if looks_like_hub_id {
+            Ok(Self::Hub {
+                repo: repo.to_string(),
+                revision: revision.to_string(),
+            })
+        } else {
+            Err(EngineError::MissingFile {
+                file: "model folder".into(),
+                location: spec.into(),
+            })
+        }
+    }
+
+    /// A short name for logs and for the served model name.
+    pub fn display_name(&self) -> String {
+        match self {
+            Self::Dir(path) => path
+                .file_name()
+                .map(|name| name.to_string_lossy().into_owned())
+                .unwrap_or_else(|| path.display().to_string()),
+            Self::Hub { repo, .. } => repo.clone(),
+            Self::Bundled => "tiny-mistral".into(),
+        }
+    }
+}
+
+/// The files of a model, read into memory (all but the weights, which stay memory-mapped).
+pub struct ModelFiles {
+    /// Where they came from, for error messages.
+    pub source: ModelSource,
+    /// config.json.
+    pub config: String,
+    /// tokenizer.json.
+    pub tokenizer: Vec<u8>,
+    /// tokenizer_config.json, when the model has one.
+    pub tokenizer_config: Option<String>,
+    /// generation_config.json, when the model has one.
+    pub generation_config: Option<String>,
+    weights: Weights,
+}
+
+enum Weights {
+    Files(Vec<PathBuf>),
+    Static(&'static [u8]),
+}
+
+mod bundled {
+    pub const CONFIG: &str = include_str!("../assets/tiny-mistral/config.json");
+    pub const TOKENIZER: &[u8] = include_bytes!("../assets/tiny-mistral/tokenizer.json");
+    pub const TOKENIZER_CONFIG: &str = include_str!("../assets/tiny-mistral/tokenizer_config.json");
+    pub const GENERATION_CONFIG: &str =
+        include_str!("../assets/tiny-mistral/generation_config.json");
+    pub const WEIGHTS: &[u8] = include_bytes!("../assets/tiny-mistral/model.safetensors");
+}
+
+const SINGLE_WEIGHTS: &str = "model.safetensors";
+const SHARDED_INDEX: &str = "model.safetensors.index.json";
+
+impl ModelFiles {
+    /// Finds and reads the files of `source`. Hub files come from the hub cache when they are
+    /// there (HF_HOME is honoured); with HF_HUB_OFFLINE=1 only the cache is looked at.
+    pub fn resolve(source: &ModelSource) -> Result<Self> {
+        if *source == ModelSource::Bundled {
+            return Ok(Self {
+                source: source.clone(),
+                config: bundled::CONFIG.to_string(),
+                tokenizer: bundled::TOKENIZER.to_vec(),
+                tokenizer_config: Some(bundled::TOKENIZER_CONFIG.to_string()),
+                generation_config: Some(bundled::GENERATION_CONFIG.to_string()),
+                weights: Weights::Static(bundled::WEIGHTS),
+            });
+        }
+        let fetcher = Fetcher::new(source)?;
+        let config = read_text(&fetcher.required("config.json")?)?;
+        let tokenizer_path = fetcher.required("tokenizer.json")?;
+        let tokenizer = std::fs::read(&tokenizer_path).map_err(|e| bad_file(&tokenizer_path, e))?;
+        let tokenizer_config = fetcher
+            .optional("tokenizer_config.json")?
+            .map(|path| read_text(&path))
+            .transpose()?;
+        let generation_config = fetcher
+            .optional("generation_config.json")?
+            .map(|path| read_text(&path))
+            .transpose()?;
+
+        let weights = if let Some(path) = fetcher.optional(SINGLE_WEIGHTS)? {
+            vec![path]
+        } else if let Some(index) = fetcher.optional(SHARDED_INDEX)? {
+            let shards = shard_names(&index)?;
+            shards
+                .iter()
+                .map(|shard| fetcher.required(shard))
+                .collect::<Result<Vec<_>>>()?
+        } else {
+            return Err(EngineError::MissingFile {
+                file: format!(
+                    "{SINGLE_WEIGHTS} or {SHARDED_INDEX} (only safetensors weights are supported)"
+                ),
+                location: fetcher.location(),
+            });
+        };
+        Ok(Self {
+            source: source.clone(),
+            config,
+            tokenizer,
+            tokenizer_config,
+            generation_config,
+            weights: Weights::Files(weights),
+        })
+    }
+
+    /// Opens the weights as a [`VarBuilder`] converting to `dtype` on `device`, with a progress
+    /// bar that advances as tensors are loaded (hidden when stderr is not a terminal).
+    pub fn var_builder(&self, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+        let (backend, tensor_count): (Box<dyn SimpleBackend>, usize) = match &self.weights {
+            Weights::Files(paths) => {
+                // Safety: the files are memory-mapped read-only; like every mmap-based loader we
+                // rely on them not being truncated while the server runs.
+                let tensors = unsafe { candle_core::safetensors::MmapedSafetensors::multi(paths)? };
+                let count = tensors.tensors().len();
+                (Box::new(tensors), count)
+            }
+            Weights::Static(bytes) => {
+                let tensors = candle_core::safetensors::SliceSafetensors::new(bytes)?;
+                let count = tensors.tensors().len();
+                (Box::new(tensors), count)
+            }
+        };
+        let bar = ProgressBar::new(tensor_count as u64);
+        bar.set_style(
+            ProgressStyle::with_template("loading {msg} {bar:40} {pos}/{len} tensors")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        bar.set_message(self.source.display_name());
+        let backend = Box::new(ProgressBackend {
+            inner: backend,
+            bar,
+        });
+        Ok(VarBuilder::from_backend(backend, dtype, device.clone()))
+    }
+}
+
+/// Advances a progress bar for every tensor read from the wrapped backend.
+struct ProgressBackend {
+    inner: Box<dyn SimpleBackend>,
+    bar: ProgressBar,
+}
+
+impl SimpleBackend for ProgressBackend {
+    fn get(
+        &self,
+        shape: Shape,
+        name: &str,
+        init: candle_nn::Init,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let tensor = self.inner.get(shape, name, init, dtype, device)?;
+        self.bar.inc(1);
+        Ok(tensor)
+    }
+
+    fn get_unchecked(
+        &self,
+        name: &str,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let tensor = self.inner.get_unchecked(name, dtype, device)?;
+        self.bar.inc(1);
+        Ok(tensor)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.inner.contains_tensor(name)
+    }
+}
+
+impl Drop for ProgressBackend {
+    fn drop(&mut self) {
+        self.bar.finish_and_clear();
+    }
+}
+
+/// Fetches named files of a folder or a hub repository.
+enum Fetcher {
+    Dir(PathBuf),
+    Hub {
+        repo: String,
+        revision: String,
+        cache: hf_hub::CacheRepo,
+        cache_dir: PathBuf,
+        /// None when HF_HUB_OFFLINE is set.
+        api: Option<hf_hub::api::sync::ApiRepo>,
+    },
+}
+
+impl Fetcher {
+    fn new(source: &ModelSource) -> Result<Self> {
+        match source {
+            ModelSource::Dir(dir) => {
+                if dir.is_dir() {
+                    Ok(Self::Dir(dir.clone()))
+                } else {
+                    Err(EngineError::MissingFile {
+                        file: "model folder".into(),
+                        location: dir.display().to_string(),
+                    })
+                }
+            }
+            ModelSource::Hub { repo, revision } => {
+                let hub_repo = hf_hub::Repo::with_revision(
+                    repo.clone(),
+                    hf_hub::RepoType::Model,
+                    revision.clone(),
+                );
+                let cache = hf_hub::Cache::from_env();
+                let cache_dir = cache.path().clone();
+                let offline = std::env::var("HF_HUB_OFFLINE")
+                    .map(|v| matches!(v.trim(), "1" | "true" | "TRUE" | "yes" | "ON" | "on"))
+                    .unwrap_or(false);
+                let api = if offline {
+                    None
+                } else {
+                    let api = hf_hub::api::sync::ApiBuilder::from_env()
+                        .with_progress(true)
+                        .build()
+                        .map_err(|e| EngineError::NotCached {
+                            repo: repo.clone(),
+                            file: "config.json".into(),
+                            cache: cache_dir.clone(),
+                            reason: e.to_string(),
+                        })?;
+                    Some(api.repo(hub_repo.clone()))
+                };
+                Ok(Self::Hub {
+                    repo: repo.clone(),
+                    revision: revision.clone(),
+                    cache: cache.repo(hub_repo),
+                    cache_dir,
+                    api,
+                })
+            }
+            ModelSource::Bundled => Err(EngineError::InvalidRequest(
+                "the bundled model has no files to fetch".into(),
+            )),
+        }
+    }
+
+    fn location(&self) -> String {
+        match self {
+            Self::Dir(dir) => dir.display().to_string(),
+            Self::Hub { repo, revision, .. } => format!("hub repository {repo}@{revision}"),
+        }
+    }
+
+    /// The file's local path, or None when the model does not have it.
+    fn optional(&self, file: &str) -> Result<Option<PathBuf>> {
+        match self {
+            Self::Dir(dir) => {
+                let path = dir.join(file);
+                Ok(path.is_file().then_some(path))
+            }
+            Self::Hub {
+                repo,
+                cache,
+                cache_dir,
+                api,
+                ..
+            } => {
+                if let Some(path) = cache.get(file) {
+                    return Ok(Some(path));
+                }
+                let Some(api) = api else {
+                    return Ok(None);
+                };
+                match api.get(file) {
+                    Ok(path) => Ok(Some(path)),
+                    Err(hf_hub::api::sync::ApiError::RequestError(error))
+                        if matches!(*error, ureq::Error::Status(404, _)) =>
+                    {
+                        Ok(None)
+                    }
+                    Err(error) => Err(EngineError::NotCached {
+                        repo: repo.clone(),
+                        file: file.into(),
+                        cache: cache_dir.clone(),
+                        reason: error.to_string(),
+                    }),
+                }
+            }
+        }
+    }
+
+    fn required(&self, file: &str) -> Result<PathBuf> {
+        match self.optional(file)? {
+            Some(path) => Ok(path),
+            None => match self {
+                Self::Hub {
+                    repo,
+                    cache_dir,
+                    api: None,
+                    ..
+                } => Err(EngineError::NotCached {
+                    repo: repo.clone(),
+                    file: file.into(),
+                    cache: cache_dir.clone(),
+                    reason: "HF_HUB_OFFLINE is set".into(),
+                }),
+                _ => Err(EngineError::MissingFile {
+                    file: file.into(),
+                    location: self.location(),
+                }),
+            },
+        }
+    }
+}
+
+fn read_text(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|e| bad_file(path, e))
+}
+
+fn bad_file(path: &Path, error: impl std::fmt::Display) -> EngineError {
+    EngineError::BadFile {
+        path: path.display().to_string(),
+        reason: error.to_string(),
+    }
+}
+
+/// The distinct shard file names listed by a model.safetensors.index.json, in order.
+fn shard_names(index: &Path) -> Result<Vec<String>> {
+    #[derive(serde::Deserialize)]
+    struct Index {
+        weight_map: std::collections::BTreeMap<String, String>,
+    }
+    let index_text = read_text(index)?;
+    let parsed: Index = serde_json::from_str(&index_text).map_err(|e| bad_file(index, e))?;
+    let mut shards: Vec<String> = parsed.weight_map.into_values().collect();
+    shards.sort();
+    shards.dedup();
+    Ok(shards)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_distinguishes_folders_from_hub_ids() {
+        let dir = std::env::temp_dir();
+        assert_eq!(
+            ModelSource::parse(dir.to_str().unwrap()).unwrap(),
+            ModelSource::Dir(dir.clone())
+        );
+        assert_eq!(
+            ModelSource::parse("mistralai/Mistral-7B-v0.1").unwrap(),
+            ModelSource::Hub {
+                repo: "mistralai/Mistral-7B-v0.1".into(),
+                revision: "main".into()
+            }
+        );
+        assert_eq!(
+            ModelSource::parse("org/model@refs/pr/1").unwrap(),
+            ModelSource::Hub {
+                repo: "org/model".into(),
+                revision: "refs/pr/1".into()
+            }
+        );
+        assert!(ModelSource::parse("./no/such/folder").is_err());
+    }
+
+    #[test]
+    fn offline_and_not_cached_names_the_file_and_the_repo() {
+        let empty_cache = std::env::temp_dir().join("candlewick-empty-hub-cache");
+        std::env::set_var("HF_HOME", &empty_cache);
+        std::env::set_var("HF_HUB_OFFLINE", "1");
+        let source = ModelSource::parse("someone/some-model").unwrap();
+        let error = ModelFiles::resolve(&source).err().unwrap().to_string();
+        assert!(error.contains("config.json"), "{error}");
+        assert!(error.contains("someone/some-model"), "{error}");
+        assert!(error.contains("HF_HUB_OFFLINE"), "{error}");
+    }
+
+    #[test]
+    fn a_folder_without_weights_is_refused_with_what_was_looked_for() {
+        let dir = std::env::temp_dir().join("candlewick-no-weights");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("config.json"), "{}").unwrap();
+        std::fs::write(dir.join("tokenizer.json"), "{}").unwrap();
+        let error = ModelFiles::resolve(&ModelSource::Dir(dir.clone()))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(error.contains("model.safetensors"), "{error}");
+        assert!(error.contains(dir.to_str().unwrap()), "{error}");
+    }
+}

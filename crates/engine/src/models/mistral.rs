@@ -1,0 +1,313 @@
+//! Mistral (transformers 4.37.2 `modeling_mistral`): RMSNorm, rotary embeddings, grouped-query
+//! attention with an optional sliding window, and a SiLU-gated MLP.
+
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::{Activation, Embedding, VarBuilder};
+use serde::Deserialize;
+
+use crate::attention::GroupedQueryAttention;
+use crate::batch::StepBatch;
+use crate::error::{EngineError, Result};
+use crate::kv_cache::{CacheShape, KvCache, LayerCache};
+use crate::layers::{GatedMlp, Linear, RmsNorm, RotaryEmbedding, RotaryTables};
+use crate::models::{refuse_if_set, CausalLm, LogitsMode};
+
+fn default_kv_heads() -> usize {
+    8
+}
+fn default_hidden_act() -> Activation {
+    Activation::Silu
+}
+fn default_max_position_embeddings() -> usize {
+    4096 * 32
+}
+fn default_rms_norm_eps() -> f64 {
+    1e-6
+}
+fn default_rope_theta() -> f64 {
+    10_000.0
+}
+fn default_sliding_window() -> Option<usize> {
+    Some(4096)
+}
+
+/// config.json of a Mistral model, with transformers 4.37.2's defaults.
+#[derive(Debug, Clone, Deserialize)]
+pub struct MistralConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    #[serde(default = "default_kv_heads")]
+    pub num_key_value_heads: usize,
+    #[serde(default = "default_hidden_act")]
+    pub hidden_act: Activation,
+    #[serde(default = "default_max_position_embeddings")]
+    pub max_position_embeddings: usize,
+    #[serde(default = "default_rms_norm_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default = "default_rope_theta")]
+    pub rope_theta: f64,
+    /// The attention window W; `null` means full causal attention.
+    #[serde(default = "default_sliding_window")]
+    pub sliding_window: Option<usize>,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    /// Later configs name the head size; 4.37.2 always uses hidden_size / num_attention_heads.
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    /// Not implemented: refused when set.
+    #[serde(default)]
+    pub rope_scaling: Option<serde_json::Value>,
+}
+
+impl MistralConfig {
+    fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads
+    }
+
+    /// Refuses what the implementation would otherwise get silently wrong.
+    pub fn validate(&self) -> Result<()> {
+        refuse_if_set("rope_scaling", &self.rope_scaling)?;
+        let unsupported = |what: String| Err(EngineError::UnsupportedConfig(what));
+        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+            return unsupported(format!(
+                "hidden_size {} is not a multiple of num_attention_heads {}",
+                self.hidden_size, self.num_attention_heads
+            ));
+        }
+        if let Some(head_dim) = self.head_dim {
+            if head_dim != self.head_dim() {
+                return unsupported(format!(
+                    "head_dim {head_dim} differs from hidden_size / num_attention_heads = {}",
+                    self.head_dim()
+                ));
+            }
+        }
+        if self.num_key_value_heads == 0 || self.num_attention_heads % self.num_key_value_heads != 0
+        {
+            return unsupported(format!(
+                "num_attention_heads {} is not a multiple of num_key_value_heads {}",
+                self.num_attention_heads, self.num_key_value_heads
+            ));
+        }
+        if self.head_dim() % 2 != 0 {
+            return unsupported(format!(
+                "rotary embeddings need an even head size, got {}",
+                self.head_dim()
+            ));
+        }
+        if self.sliding_window == Some(0) {
+            return unsupported("sliding_window = 0".into());
+        }
+        Ok(())
+    }
+}
+
+/// `MistralAttention`: q/k/v projections (fused at load), rotary embeddings, attention over the
+/// rolling cache, output projection.
+#[derive(Debug, Clone)]
+pub struct MistralAttention {
+    qkv_proj: Linear,
+    o_proj: Linear,
+    attention: GroupedQueryAttention,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+    span: tracing::Span,
+}
+
+impl MistralAttention {
+    pub fn load(vb: VarBuilder, config: &MistralConfig) -> Result<Self> {
+        let head_dim = config.head_dim();
+        let (hidden, heads, kv_heads) = (
+            config.hidden_size,
+            config.num_attention_heads,
+            config.num_key_value_heads,
+        );
+        let q_proj = Linear::load(vb.pp("q_proj"), hidden, heads * head_dim, false)?;
+        let k_proj = Linear::load(vb.pp("k_proj"), hidden, kv_heads * head_dim, false)?;
+        let v_proj = Linear::load(vb.pp("v_proj"), hidden, kv_heads * head_dim, false)?;
+        Ok(Self {
+            qkv_proj: Linear::fused(&[q_proj, k_proj, v_proj])?,
+            o_proj: Linear::load(vb.pp("o_proj"), heads * head_dim, hidden, false)?,
+            attention: GroupedQueryAttention::new(heads, kv_heads, head_dim),
+            num_heads: heads,
+            num_kv_heads: kv_heads,
+            head_dim,
+            span: tracing::span!(tracing::Level::TRACE, "attention"),
+        })
+    }
+
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        rotary: &RotaryTables,
+        batch: &StepBatch,
+        cache: &LayerCache,
+        capacity: usize,
+    ) -> Result<Tensor> {
+        let _enter = self.span.enter();
+        let (rows, seq, _) = x.dims3()?;
+        let qkv = self.qkv_proj.forward(x)?;
+        let q_size = self.num_heads * self.head_dim;
+        let kv_size = self.num_kv_heads * self.head_dim;
+        // [batch, seq, heads * head_dim] -> [batch, heads, seq, head_dim]
+        let split = |offset: usize, size: usize, heads: usize| -> Result<Tensor> {
+            Ok(qkv
+                .narrow(D::Minus1, offset, size)?
+                .reshape((rows, seq, heads, self.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()?)
+        };
+        let queries = rotary.apply(&split(0, q_size, self.num_heads)?)?;
+        let keys = rotary.apply(&split(q_size, kv_size, self.num_kv_heads)?)?;
+        let values = split(q_size + kv_size, kv_size, self.num_kv_heads)?;
+        let output = self
+            .attention
+            .forward(&queries, &keys, &values, batch, cache, capacity)?;
+        Ok(self.o_proj.forward(&output)?)
+    }
+}
+
+/// `MistralDecoderLayer`: pre-norm attention and MLP, each with a residual connection.
+#[derive(Debug, Clone)]
+pub struct MistralLayer {
+    input_layernorm: RmsNorm,
+    self_attn: MistralAttention,
+    post_attention_layernorm: RmsNorm,
+    mlp: GatedMlp,
+}
+
+impl MistralLayer {
+    pub fn load(vb: VarBuilder, config: &MistralConfig) -> Result<Self> {
+        Ok(Self {
+            input_layernorm: RmsNorm::load(
+                vb.pp("input_layernorm"),
+                config.hidden_size,
+                config.rms_norm_eps,
+            )?,
+            self_attn: MistralAttention::load(vb.pp("self_attn"), config)?,
+            post_attention_layernorm: RmsNorm::load(
+                vb.pp("post_attention_layernorm"),
+                config.hidden_size,
+                config.rms_norm_eps,
+            )?,
+            mlp: GatedMlp::load(
+                vb.pp("mlp"),
+                config.hidden_size,
+                config.intermediate_size,
+                config.hidden_act,
+            )?,
+        })
+    }
+
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        rotary: &RotaryTables,
+        batch: &StepBatch,
+        cache: &LayerCache,
+        capacity: usize,
+    ) -> Result<Tensor> {
+        let attention = self.self_attn.forward(
+            &self.input_layernorm.forward(x)?,
+            rotary,
+            batch,
+            cache,
+            capacity,
+        )?;
+        let x = (x + attention)?;
+        let mlp = self
+            .mlp
+            .forward(&self.post_attention_layernorm.forward(&x)?)?;
+        Ok((x + mlp)?)
+    }
+}
+
+/// `MistralForCausalLM`.
+#[derive(Debug, Clone)]
+pub struct MistralForCausalLM {
+    embed_tokens: Embedding,
+    layers: Vec<MistralLayer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    rotary: RotaryEmbedding,
+    config: MistralConfig,
+    dtype: DType,
+    device: Device,
+}
+
+impl MistralForCausalLM {
+    /// Loads the HF checkpoint layout (`model.*`, `lm_head.weight`); with
+    /// `tie_word_embeddings` the head reuses the embedding matrix.
+    pub fn load(vb: VarBuilder, config: &MistralConfig) -> Result<Self> {
+        config.validate()?;
+        let model = vb.pp("model");
+        let embed_tokens = candle_nn::embedding(
+            config.vocab_size,
+            config.hidden_size,
+            model.pp("embed_tokens"),
+        )?;
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| MistralLayer::load(model.pp("layers").pp(i), config))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = RmsNorm::load(model.pp("norm"), config.hidden_size, config.rms_norm_eps)?;
+        let lm_head = if config.tie_word_embeddings {
+            Linear::from_weight(embed_tokens.embeddings().clone())
+        } else {
+            Linear::load(
+                vb.pp("lm_head"),
+                config.hidden_size,
+                config.vocab_size,
+                false,
+            )?
+        };
+        Ok(Self {
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rotary: RotaryEmbedding::new(config.head_dim(), config.rope_theta),
+            config: config.clone(),
+            dtype: vb.dtype(),
+            device: vb.device().clone(),
+        })
+    }
+}
+
+impl CausalLm for MistralForCausalLM {
+    fn cache_shape(&self) -> CacheShape {
+        CacheShape {
+            num_layers: self.config.num_hidden_layers,
+            kv_heads: self.config.num_key_value_heads,
+            head_dim: self.config.head_dim(),
+            sliding_window: self.config.sliding_window,
+        }
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.config.vocab_size
+    }
+
+    fn max_position_embeddings(&self) -> usize {
+        self.config.max_position_embeddings
+    }
+
+    fn forward(&self, batch: &StepBatch, cache: &KvCache, logits: LogitsMode) -> Result<Tensor> {
+        let (rows, seq) = (batch.batch_size(), batch.seq_len);
+        let rotary = self
+            .rotary
+            .tables(&batch.positions, rows, seq, self.dtype, &self.device)?;
+        let mut x = self.embed_tokens.forward(&batch.input_ids)?;
+        for (index, layer) in self.layers.iter().enumerate() {
+            x = layer.forward(&x, &rotary, batch, cache.layer(index), cache.capacity())?;
+        }
+        if logits == LogitsMode::Last {
+            x = x.narrow(1, seq - 1, 1)?.squeeze(1)?;
+        }
+        let x = self.norm.forward(&x)?;
+        Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?)
+    }
+}

@@ -1,0 +1,94 @@
+//! Model architectures, one file each, and the dispatch from config.json to them.
+
+pub mod mistral;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+
+use crate::batch::StepBatch;
+use crate::error::{EngineError, Result};
+use crate::kv_cache::{CacheShape, KvCache};
+
+/// Which positions of a step the model computes logits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsMode {
+    /// The last column only (`[batch, vocab]`): every row's newest token, since rows are
+    /// left-padded. What generation needs.
+    Last,
+    /// Every column (`[batch, seq, vocab]`), padding included.
+    All,
+}
+
+/// A decoder that generates text over the rolling KV cache.
+pub trait CausalLm: Send {
+    /// The cache the model needs.
+    fn cache_shape(&self) -> CacheShape;
+    /// Size of the output vocabulary.
+    fn vocab_size(&self) -> usize;
+    /// The context the model was trained for; the default bound of a sequence's length.
+    fn max_position_embeddings(&self) -> usize;
+    /// One forward step: appends the batch's tokens to their slots' caches and returns f32
+    /// logits.
+    fn forward(&self, batch: &StepBatch, cache: &KvCache, logits: LogitsMode) -> Result<Tensor>;
+}
+
+/// The causal-LM architectures Candlewick serves, as named in config.json's `architectures`.
+pub const SUPPORTED_CAUSAL_LMS: &[&str] = &["MistralForCausalLM"];
+
+/// The architecture config.json names: `architectures[0]`, else derived from `model_type`.
+pub fn architecture(config: &serde_json::Value) -> Option<String> {
+    if let Some(name) = config
+        .get("architectures")
+        .and_then(|a| a.get(0))
+        .and_then(|a| a.as_str())
+    {
+        return Some(name.to_string());
+    }
+    match config.get("model_type").and_then(|t| t.as_str())? {
+        "mistral" => Some("MistralForCausalLM".into()),
+        other => Some(other.to_string()),
+    }
+}
+
+/// Builds the causal LM that `config_json` describes from the weights in `vb`.
+pub fn load_causal_lm(config_json: &str, vb: VarBuilder) -> Result<Box<dyn CausalLm>> {
+    let config: serde_json::Value = parse_config(config_json)?;
+    let found = architecture(&config).unwrap_or_else(|| "(none)".into());
+    match found.as_str() {
+        "MistralForCausalLM" => {
+            let config: mistral::MistralConfig = parse_config(config_json)?;
+            Ok(Box::new(mistral::MistralForCausalLM::load(vb, &config)?))
+        }
+        _ => Err(EngineError::UnsupportedArchitecture {
+            found,
+            supported: SUPPORTED_CAUSAL_LMS.to_vec(),
+        }),
+    }
+}
+
+/// Parses config.json into a model's config struct.
+pub fn parse_config<T: serde::de::DeserializeOwned>(config_json: &str) -> Result<T> {
+    serde_json::from_str(config_json).map_err(|e| EngineError::BadFile {
+        path: "config.json".into(),
+        reason: e.to_string(),
+    })
+}
+
+/// The dtype a model runs in on `device` unless told otherwise: f32 on CPU, bf16 on CUDA.
+pub fn default_dtype(device: &Device) -> DType {
+    if device.is_cuda() {
+        DType::BF16
+    } else {
+        DType::F32
+    }
+}
+
+/// Refuses a config field whose presence would change the model in a way we do not implement.
+pub(crate) fn refuse_if_set(name: &str, value: &Option<serde_json::Value>) -> Result<()> {
+    match value {
+        None | Some(serde_json::Value::Null) => Ok(()),
+        Some(value) => Err(EngineError::UnsupportedConfig(format!(
+            "{name} = {value} is not implemented"
+        ))),
+    }
+}
