@@ -1,7 +1,9 @@
 //! Building blocks shared by the decoder models: linear layers with fused weights, RMSNorm,
 //! rotary embeddings and the SiLU-gated MLP.
 
-use candle_core::{DType, Device, Module, Tensor, D};
+use candle_core::{DType, Device, Module, Storage, Tensor, D};
+
+use crate::cpu_matmul;
 use candle_nn::{Activation, VarBuilder};
 
 use crate::error::Result;
@@ -58,7 +60,12 @@ impl Module for Linear {
         let dims = x.dims();
         let in_dim = dims[dims.len() - 1];
         let rows: usize = dims[..dims.len() - 1].iter().product();
-        let y = x.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
+        let x = x.reshape((rows, in_dim))?;
+        let y = if rows <= cpu_matmul::MAX_ROWS && x.device().is_cpu() && x.dtype() == DType::F32 {
+            skinny_matmul(&x, &self.weight)?
+        } else {
+            x.matmul(&self.weight.t()?)?
+        };
         let y = match &self.bias {
             Some(bias) => y.broadcast_add(bias)?,
             None => y,
@@ -67,6 +74,31 @@ impl Module for Linear {
         out_dims[dims.len() - 1] = self.weight.dim(0)?;
         y.reshape(out_dims)
     }
+}
+
+/// `x W^T` through [`cpu_matmul`] for the few rows of a decode step on CPU.
+fn skinny_matmul(x: &Tensor, weight: &Tensor) -> candle_core::Result<Tensor> {
+    let x = x.contiguous()?;
+    let weight = weight.contiguous()?;
+    let (rows, k) = x.dims2()?;
+    let n = weight.dim(0)?;
+    let y = {
+        let (x_storage, x_layout) = x.storage_and_layout();
+        let (w_storage, w_layout) = weight.storage_and_layout();
+        let (Storage::Cpu(x_cpu), Storage::Cpu(w_cpu)) = (&*x_storage, &*w_storage) else {
+            candle_core::bail!("skinny matmul runs on CPU tensors only");
+        };
+        let x_all = x_cpu.as_slice::<f32>()?;
+        let w_all = w_cpu.as_slice::<f32>()?;
+        let (x_start, x_end) = x_layout
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("x is not contiguous".into()))?;
+        let (w_start, w_end) = w_layout
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("weight is not contiguous".into()))?;
+        cpu_matmul::matmul_transposed(&x_all[x_start..x_end], rows, &w_all[w_start..w_end], n, k)
+    };
+    Tensor::from_vec(y, (rows, n), x.device())
 }
 
 /// Root-mean-square normalisation: `x / sqrt(mean(x^2) + eps) * weight`, computed in f32 as

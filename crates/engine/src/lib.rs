@@ -3,12 +3,15 @@
 
 pub mod attention;
 pub mod batch;
+pub mod cpu_matmul;
+pub mod detokenizer;
 pub mod error;
 pub mod generator;
 pub mod kv_cache;
 pub mod layers;
 pub mod loader;
 pub mod models;
+pub mod sampling;
 pub mod tokenizer;
 
 pub use batch::StepRow;

@@ -180,6 +180,31 @@ impl ModelFiles {
     }
 }
 
+impl ModelFiles {
+    /// Name, shape and dtype of every weight tensor, read from the safetensors headers.
+    pub fn tensor_inventory(&self) -> Result<Vec<(String, Vec<usize>, DType)>> {
+        let mut inventory = Vec::new();
+        match &self.weights {
+            Weights::Files(paths) => {
+                // Safety: as in `var_builder`.
+                let tensors = unsafe { candle_core::safetensors::MmapedSafetensors::multi(paths)? };
+                for (name, view) in tensors.tensors() {
+                    let dtype = DType::try_from(view.dtype())?;
+                    inventory.push((name, view.shape().to_vec(), dtype));
+                }
+            }
+            Weights::Static(bytes) => {
+                let tensors = candle_core::safetensors::SliceSafetensors::new(bytes)?;
+                for (name, view) in tensors.tensors() {
+                    let dtype = DType::try_from(view.dtype())?;
+                    inventory.push((name, view.shape().to_vec(), dtype));
+                }
+            }
+        }
+        Ok(inventory)
+    }
+}
+
 /// Advances a progress bar for every tensor read from the wrapped backend.
 struct ProgressBackend {
     inner: Box<dyn SimpleBackend>,

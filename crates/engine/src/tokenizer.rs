@@ -1,13 +1,15 @@
 //! The model's tokenizer (tokenizer.json) with what tokenizer_config.json, config.json and
 //! generation_config.json say about special tokens and chat templates.
 
+use std::sync::Arc;
+
 use serde_json::Value;
 
 use crate::error::{EngineError, Result};
 
 /// A tokenizer and the special tokens generation needs.
 pub struct Tokenizer {
-    inner: tokenizers::Tokenizer,
+    inner: Arc<tokenizers::Tokenizer>,
     bos_token: Option<String>,
     eos_token: Option<String>,
     eos_token_ids: Vec<u32>,
@@ -56,7 +58,7 @@ impl Tokenizer {
         }
         Ok(Self {
             chat_template: chat_template(&tokenizer_config),
-            inner,
+            inner: Arc::new(inner),
             bos_token,
             eos_token,
             eos_token_ids,
@@ -80,9 +82,9 @@ impl Tokenizer {
             .map_err(|e| EngineError::Tokenizer(e.to_string()))
     }
 
-    /// The underlying tokenizers-crate tokenizer.
-    pub fn inner(&self) -> &tokenizers::Tokenizer {
-        &self.inner
+    /// The underlying tokenizers-crate tokenizer, shared (incremental decoders hold it).
+    pub fn shared(&self) -> Arc<tokenizers::Tokenizer> {
+        Arc::clone(&self.inner)
     }
 
     /// Ids that end a sequence.

@@ -1,1 +1,93 @@
-fn main() {}
+//! `candlewick`: serve and run Hugging Face checkpoints.
+
+mod bench;
+mod generate;
+
+use anyhow::{bail, Result};
+use candle_core::{DType, Device};
+use candlewick_engine::ModelSource;
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "candlewick",
+    version,
+    about = "An inference server for Hugging Face checkpoints"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Continue a prompt and print the completion as it is generated.
+    Generate(generate::GenerateArgs),
+    /// Measure prefill and decode throughput on a model.
+    Bench(bench::BenchArgs),
+}
+
+/// Which model to load and where to run it.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ModelArgs {
+    /// A model folder or a Hugging Face hub id (owner/name[@revision]); without it, the tiny
+    /// model bundled in the binary.
+    #[arg(long, env = "CANDLEWICK_MODEL")]
+    pub model: Option<String>,
+    /// cpu, or cuda[:N] when built with the `cuda` feature.
+    #[arg(long, default_value = "cpu", env = "CANDLEWICK_DEVICE")]
+    pub device: String,
+    /// f32, bf16 or f16; default f32 on CPU and bf16 on CUDA.
+    #[arg(long, env = "CANDLEWICK_DTYPE")]
+    pub dtype: Option<String>,
+}
+
+impl ModelArgs {
+    pub fn source(&self) -> Result<ModelSource> {
+        Ok(match &self.model {
+            Some(spec) => ModelSource::parse(spec)?,
+            None => ModelSource::Bundled,
+        })
+    }
+
+    pub fn device(&self) -> Result<Device> {
+        match self.device.as_str() {
+            "cpu" => Ok(Device::Cpu),
+            spec if spec == "cuda" || spec.starts_with("cuda:") => {
+                let ordinal = match spec.strip_prefix("cuda:") {
+                    Some(n) => n.parse()?,
+                    None => 0,
+                };
+                if !candle_core::utils::cuda_is_available() {
+                    bail!("--device {spec}: this candlewick was built without the `cuda` feature");
+                }
+                Ok(Device::new_cuda(ordinal)?)
+            }
+            other => bail!("--device {other}: expected cpu, cuda or cuda:N"),
+        }
+    }
+
+    pub fn dtype(&self) -> Result<Option<DType>> {
+        Ok(match self.dtype.as_deref() {
+            None => None,
+            Some("f32") | Some("float32") => Some(DType::F32),
+            Some("bf16") | Some("bfloat16") => Some(DType::BF16),
+            Some("f16") | Some("float16") => Some(DType::F16),
+            Some(other) => bail!("--dtype {other}: expected f32, bf16 or f16"),
+        })
+    }
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Generate(args) => generate::run(args),
+        Command::Bench(args) => bench::run(args),
+    }
+}

@@ -1,0 +1,210 @@
+//! `y = x W^T` for a few rows of `x` on CPU, in f32: the matmul of a decode step.
+//!
+//! With one to a few rows, a decode step is bound by reading the weights from memory. A general
+//! GEMM packs its operands into blocks first, which for a single row means copying every weight
+//! once more per step. Here each weight row is read once, straight from the (memory-mapped)
+//! matrix, and dotted with every row of `x` while it is in L1; output rows are split across the
+//! rayon pool. Each output is the same dot product in the same order whatever the number of
+//! rows, so a sequence's logits do not depend on which other sequences share its decode batch.
+
+use rayon::prelude::*;
+
+/// Up to this many rows of `x` take this path; more go to the GEMM, which wins once the
+/// arithmetic per weight byte grows (measured by `candlewick bench`).
+pub const MAX_ROWS: usize = 16;
+
+/// Output rows of `W` per parallel task: enough work to amortise scheduling, and enough tasks to
+/// balance the pool on small matrices.
+const ROWS_PER_TASK: usize = 32;
+
+/// `x` is `[rows, k]`, `w` is `[n, k]`, both row-major; returns `[rows, n]`.
+pub fn matmul_transposed(x: &[f32], rows: usize, w: &[f32], n: usize, k: usize) -> Vec<f32> {
+    debug_assert_eq!(x.len(), rows * k);
+    debug_assert_eq!(w.len(), n * k);
+    let kernel = kernel();
+    // Computed as [n, rows] so that each task owns a contiguous block of the output.
+    let mut transposed = vec![0f32; n * rows];
+    transposed
+        .par_chunks_mut(ROWS_PER_TASK * rows)
+        .enumerate()
+        .for_each(|(task, out)| {
+            let first = task * ROWS_PER_TASK;
+            let count = out.len() / rows;
+            kernel(x, rows, &w[first * k..(first + count) * k], k, out);
+        });
+    if rows == 1 {
+        return transposed;
+    }
+    let mut y = vec![0f32; rows * n];
+    for (j, outputs) in transposed.chunks_exact(rows).enumerate() {
+        for (i, &value) in outputs.iter().enumerate() {
+            y[i * n + j] = value;
+        }
+    }
+    y
+}
+
+/// Computes `out[j * rows + i] = dot(x[i], w[j])` for the weight rows of `w`.
+type Kernel = fn(&[f32], usize, &[f32], usize, &mut [f32]);
+
+fn kernel() -> Kernel {
+    static KERNEL: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
+    *KERNEL.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // Safety: the CPU was just checked for AVX-512F.
+                return |x, rows, w, k, out| unsafe { x86::dot_rows_avx512(x, rows, w, k, out) };
+            }
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                // Safety: the CPU was just checked for AVX2 and FMA.
+                return |x, rows, w, k, out| unsafe { x86::dot_rows_avx2(x, rows, w, k, out) };
+            }
+        }
+        dot_rows
+    })
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// Most rows of `x` a vector kernel keeps accumulators for at once.
+    const BLOCK: usize = 8;
+
+    /// # Safety
+    /// The CPU must support AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn dot_rows_avx512(x: &[f32], rows: usize, w: &[f32], k: usize, out: &mut [f32]) {
+        const WIDTH: usize = 16;
+        let vector_k = k - k % WIDTH;
+        for (weights, outputs) in w.chunks_exact(k).zip(out.chunks_exact_mut(rows)) {
+            for first in (0..rows).step_by(BLOCK) {
+                let count = BLOCK.min(rows - first);
+                let mut acc = [_mm512_setzero_ps(); BLOCK];
+                let mut offset = 0;
+                while offset < vector_k {
+                    // One load of the weights feeds every row's accumulator.
+                    let wv = _mm512_loadu_ps(weights.as_ptr().add(offset));
+                    for (i, acc) in acc.iter_mut().enumerate().take(count) {
+                        let xv = _mm512_loadu_ps(x.as_ptr().add((first + i) * k + offset));
+                        *acc = _mm512_fmadd_ps(xv, wv, *acc);
+                    }
+                    offset += WIDTH;
+                }
+                for (i, acc) in acc.iter().enumerate().take(count) {
+                    let input = &x[(first + i) * k..(first + i + 1) * k];
+                    outputs[first + i] =
+                        _mm512_reduce_add_ps(*acc) + super::tail(input, weights, vector_k);
+                }
+            }
+        }
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_rows_avx2(x: &[f32], rows: usize, w: &[f32], k: usize, out: &mut [f32]) {
+        const WIDTH: usize = 8;
+        let vector_k = k - k % WIDTH;
+        for (weights, outputs) in w.chunks_exact(k).zip(out.chunks_exact_mut(rows)) {
+            for first in (0..rows).step_by(BLOCK) {
+                let count = BLOCK.min(rows - first);
+                let mut acc = [_mm256_setzero_ps(); BLOCK];
+                let mut offset = 0;
+                while offset < vector_k {
+                    let wv = _mm256_loadu_ps(weights.as_ptr().add(offset));
+                    for (i, acc) in acc.iter_mut().enumerate().take(count) {
+                        let xv = _mm256_loadu_ps(x.as_ptr().add((first + i) * k + offset));
+                        *acc = _mm256_fmadd_ps(xv, wv, *acc);
+                    }
+                    offset += WIDTH;
+                }
+                for (i, acc) in acc.iter().enumerate().take(count) {
+                    let input = &x[(first + i) * k..(first + i + 1) * k];
+                    let mut lanes = [0f32; WIDTH];
+                    _mm256_storeu_ps(lanes.as_mut_ptr(), *acc);
+                    let sum = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5]))
+                        + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
+                    outputs[first + i] = sum + super::tail(input, weights, vector_k);
+                }
+            }
+        }
+    }
+}
+
+/// The portable kernel, for CPUs without AVX2.
+fn dot_rows(x: &[f32], rows: usize, w: &[f32], k: usize, out: &mut [f32]) {
+    for (weights, outputs) in w.chunks_exact(k).zip(out.chunks_exact_mut(rows)) {
+        for (input, output) in x.chunks_exact(k).zip(outputs.iter_mut()) {
+            *output = input.iter().zip(weights).map(|(a, b)| a * b).sum();
+        }
+    }
+}
+
+/// The products past the last full vector.
+#[inline(always)]
+fn tail(input: &[f32], weights: &[f32], from: usize) -> f32 {
+    input[from..]
+        .iter()
+        .zip(&weights[from..])
+        .map(|(a, b)| a * b)
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reference(x: &[f32], rows: usize, w: &[f32], n: usize, k: usize) -> Vec<f32> {
+        let mut y = vec![0f32; rows * n];
+        for i in 0..rows {
+            for j in 0..n {
+                y[i * n + j] = (0..k)
+                    .map(|c| x[i * k + c] as f64 * w[j * k + c] as f64)
+                    .sum::<f64>() as f32;
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn matches_a_plain_matmul_for_awkward_shapes() {
+        let mut state = 1u32;
+        let mut next = || {
+            state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (state >> 8) as f32 / (1 << 24) as f32 - 0.5
+        };
+        for &(rows, n, k) in &[
+            (1, 1, 1),
+            (1, 70, 33),
+            (3, 65, 64),
+            (8, 129, 100),
+            (2, 31, 768),
+        ] {
+            let x: Vec<f32> = (0..rows * k).map(|_| next()).collect();
+            let w: Vec<f32> = (0..n * k).map(|_| next()).collect();
+            let ours = matmul_transposed(&x, rows, &w, n, k);
+            let expected = reference(&x, rows, &w, n, k);
+            for (index, (a, b)) in ours.iter().zip(&expected).enumerate() {
+                assert!(
+                    (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                    "({rows},{n},{k}) at {index}: {a} vs {b}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_row_gives_the_same_bits_alone_or_beside_others() {
+        let k = 96;
+        let n = 40;
+        let x: Vec<f32> = (0..4 * k).map(|i| (i as f32 * 0.37).sin()).collect();
+        let w: Vec<f32> = (0..n * k).map(|i| (i as f32 * 0.11).cos()).collect();
+        let together = matmul_transposed(&x, 4, &w, n, k);
+        let alone = matmul_transposed(&x[2 * k..3 * k], 1, &w, n, k);
+        assert_eq!(&together[2 * n..3 * n], &alone[..]);
+    }
+}
