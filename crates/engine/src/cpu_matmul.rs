@@ -78,27 +78,86 @@ mod x86 {
     /// The CPU must support AVX-512F.
     #[target_feature(enable = "avx512f")]
     pub unsafe fn dot_rows_avx512(x: &[f32], rows: usize, w: &[f32], k: usize, out: &mut [f32]) {
+        let n = w.len() / k;
+        let mut j = 0;
+        while j + 4 <= n {
+            weight_rows::<4>(
+                x,
+                rows,
+                &w[j * k..(j + 4) * k],
+                k,
+                &mut out[j * rows..(j + 4) * rows],
+            );
+            j += 4;
+        }
+        while j < n {
+            weight_rows::<1>(
+                x,
+                rows,
+                &w[j * k..(j + 1) * k],
+                k,
+                &mut out[j * rows..(j + 1) * rows],
+            );
+            j += 1;
+        }
+    }
+
+    /// `W` weight rows against every row of `x`, four rows of `x` at a time.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn weight_rows<const W: usize>(
+        x: &[f32],
+        rows: usize,
+        w: &[f32],
+        k: usize,
+        out: &mut [f32],
+    ) {
+        let mut i = 0;
+        while i + 4 <= rows {
+            tile::<W, 4>(x, i, rows, w, k, out);
+            i += 4;
+        }
+        while i < rows {
+            tile::<W, 1>(x, i, rows, w, k, out);
+            i += 1;
+        }
+    }
+
+    /// A `W x X` tile of outputs held in registers: each step loads `W + X` vectors for `W * X`
+    /// FMAs. Every output is accumulated in the same order whatever the tile, so results do not
+    /// depend on how many rows share the call.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn tile<const W: usize, const X: usize>(
+        x: &[f32],
+        first: usize,
+        rows: usize,
+        w: &[f32],
+        k: usize,
+        out: &mut [f32],
+    ) {
         const WIDTH: usize = 16;
         let vector_k = k - k % WIDTH;
-        for (weights, outputs) in w.chunks_exact(k).zip(out.chunks_exact_mut(rows)) {
-            for first in (0..rows).step_by(BLOCK) {
-                let count = BLOCK.min(rows - first);
-                let mut acc = [_mm512_setzero_ps(); BLOCK];
-                let mut offset = 0;
-                while offset < vector_k {
-                    // One load of the weights feeds every row's accumulator.
-                    let wv = _mm512_loadu_ps(weights.as_ptr().add(offset));
-                    for (i, acc) in acc.iter_mut().enumerate().take(count) {
-                        let xv = _mm512_loadu_ps(x.as_ptr().add((first + i) * k + offset));
-                        *acc = _mm512_fmadd_ps(xv, wv, *acc);
-                    }
-                    offset += WIDTH;
+        let mut acc = [[_mm512_setzero_ps(); X]; W];
+        let mut offset = 0;
+        while offset < vector_k {
+            let mut xv = [_mm512_setzero_ps(); X];
+            for (i, xv) in xv.iter_mut().enumerate() {
+                *xv = _mm512_loadu_ps(x.as_ptr().add((first + i) * k + offset));
+            }
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let wv = _mm512_loadu_ps(w.as_ptr().add(r * k + offset));
+                for (acc, xv) in acc.iter_mut().zip(&xv) {
+                    *acc = _mm512_fmadd_ps(*xv, wv, *acc);
                 }
-                for (i, acc) in acc.iter().enumerate().take(count) {
-                    let input = &x[(first + i) * k..(first + i + 1) * k];
-                    outputs[first + i] =
-                        _mm512_reduce_add_ps(*acc) + super::tail(input, weights, vector_k);
-                }
+            }
+            offset += WIDTH;
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            for (i, acc) in acc.iter().enumerate() {
+                let input = &x[(first + i) * k..(first + i + 1) * k];
+                let weights = &w[r * k..(r + 1) * k];
+                out[r * rows + first + i] =
+                    _mm512_reduce_add_ps(*acc) + super::tail(input, weights, vector_k);
             }
         }
     }

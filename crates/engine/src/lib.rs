@@ -3,6 +3,7 @@
 
 pub mod attention;
 pub mod batch;
+pub mod cpu_attention;
 pub mod cpu_matmul;
 pub mod detokenizer;
 pub mod error;

@@ -1,0 +1,149 @@
+//! Attention over the rolling cache on CPU in f32, without gathering the ring.
+//!
+//! The tensor formulation (see [`crate::attention`]) copies every row's ring entries next to the
+//! step's keys, then runs two batched matmuls of `batch x kv_heads` tiny products and a masked
+//! softmax over every key, masked or not. For decode steps that work is dominated by copies and
+//! per-product overhead. Here each (row, kv head) pair is one task that reads its keys and values
+//! where they are, skips the keys its mask hides, and writes its output straight into the
+//! `[batch, seq, heads * head_dim]` layout the output projection reads.
+
+use rayon::prelude::*;
+
+/// Shapes and strides of one attention call.
+pub struct AttentionShape {
+    /// Rows of the batch.
+    pub batch: usize,
+    /// Query columns per row (left-padded).
+    pub seq: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads.
+    pub kv_heads: usize,
+    /// Size of a head.
+    pub head_dim: usize,
+    /// Ring entries read per row before the step's own keys.
+    pub ring_len: usize,
+    /// Ring entries per slot.
+    pub capacity: usize,
+    /// Scale of the scores.
+    pub scale: f32,
+}
+
+/// Borrowed inputs of one attention call, all row-major and contiguous.
+pub struct AttentionInputs<'a> {
+    /// `[batch, heads, seq, head_dim]`.
+    pub queries: &'a [f32],
+    /// `[batch, kv_heads, seq, head_dim]`.
+    pub keys: &'a [f32],
+    /// `[batch, kv_heads, seq, head_dim]`.
+    pub values: &'a [f32],
+    /// `[slots, kv_heads, capacity, head_dim]`.
+    pub ring_keys: &'a [f32],
+    /// `[slots, kv_heads, capacity, head_dim]`.
+    pub ring_values: &'a [f32],
+    /// The slot of each row.
+    pub slots: &'a [usize],
+    /// `[batch, seq, ring_len + seq]`, 0 where visible and -inf elsewhere.
+    pub mask: &'a [f32],
+}
+
+/// Returns `[batch, seq, heads * head_dim]`.
+pub fn attend(shape: &AttentionShape, inputs: &AttentionInputs) -> Vec<f32> {
+    let AttentionShape {
+        batch,
+        seq,
+        heads,
+        kv_heads,
+        head_dim,
+        ring_len,
+        capacity,
+        scale,
+    } = *shape;
+    let group = heads / kv_heads;
+    let key_len = ring_len + seq;
+    // One task per (row, kv head); each returns its [seq, group, head_dim] block.
+    let blocks: Vec<Vec<f32>> = (0..batch * kv_heads)
+        .into_par_iter()
+        .map(|task| {
+            let (row, kv_head) = (task / kv_heads, task % kv_heads);
+            let ring_base = (inputs.slots[row] * kv_heads + kv_head) * capacity * head_dim;
+            let new_base = (row * kv_heads + kv_head) * seq * head_dim;
+            let key = |l: usize| -> &[f32] {
+                if l < ring_len {
+                    &inputs.ring_keys[ring_base + l * head_dim..ring_base + (l + 1) * head_dim]
+                } else {
+                    let t = l - ring_len;
+                    &inputs.keys[new_base + t * head_dim..new_base + (t + 1) * head_dim]
+                }
+            };
+            let value = |l: usize| -> &[f32] {
+                if l < ring_len {
+                    &inputs.ring_values[ring_base + l * head_dim..ring_base + (l + 1) * head_dim]
+                } else {
+                    let t = l - ring_len;
+                    &inputs.values[new_base + t * head_dim..new_base + (t + 1) * head_dim]
+                }
+            };
+            let mut block = vec![0f32; seq * group * head_dim];
+            let mut visible: Vec<usize> = Vec::with_capacity(key_len);
+            let mut weights: Vec<f32> = Vec::with_capacity(key_len);
+            for t in 0..seq {
+                let mask = &inputs.mask[(row * seq + t) * key_len..(row * seq + t + 1) * key_len];
+                visible.clear();
+                visible.extend((0..key_len).filter(|&l| mask[l] == 0.0));
+                for r in 0..group {
+                    let head = kv_head * group + r;
+                    let q_base = ((row * heads + head) * seq + t) * head_dim;
+                    let query = &inputs.queries[q_base..q_base + head_dim];
+                    weights.clear();
+                    weights.extend(visible.iter().map(|&l| dot(query, key(l)) * scale));
+                    let max = weights.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let mut total = 0f32;
+                    for weight in weights.iter_mut() {
+                        *weight = (*weight - max).exp();
+                        total += *weight;
+                    }
+                    let out =
+                        &mut block[(t * group + r) * head_dim..(t * group + r + 1) * head_dim];
+                    for (&l, &weight) in visible.iter().zip(&weights) {
+                        let p = weight / total;
+                        for (o, v) in out.iter_mut().zip(value(l)) {
+                            *o += p * v;
+                        }
+                    }
+                }
+            }
+            block
+        })
+        .collect();
+    // Interleave the blocks into [batch, seq, heads, head_dim].
+    let mut output = vec![0f32; batch * seq * heads * head_dim];
+    for (task, block) in blocks.iter().enumerate() {
+        let (row, kv_head) = (task / kv_heads, task % kv_heads);
+        for t in 0..seq {
+            let src = &block[t * group * head_dim..(t + 1) * group * head_dim];
+            let dst = ((row * seq + t) * heads + kv_head * group) * head_dim;
+            output[dst..dst + group * head_dim].copy_from_slice(src);
+        }
+    }
+    output
+}
+
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    const LANES: usize = 8;
+    let mut lanes = [0f32; LANES];
+    let (a_blocks, b_blocks) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f32 = a_blocks
+        .remainder()
+        .iter()
+        .zip(b_blocks.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (a_block, b_block) in a_blocks.zip(b_blocks) {
+        for ((lane, x), y) in lanes.iter_mut().zip(a_block).zip(b_block) {
+            *lane += x * y;
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
