@@ -92,3 +92,51 @@ pub(crate) fn refuse_if_set(name: &str, value: &Option<serde_json::Value>) -> Re
         ))),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_error(config: &str) -> String {
+        let vb = VarBuilder::zeros(DType::F32, &Device::Cpu);
+        load_causal_lm(config, vb)
+            .err()
+            .expect("refused")
+            .to_string()
+    }
+
+    const TINY: &str = r#""vocab_size": 16, "hidden_size": 8, "intermediate_size": 16,
+        "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1"#;
+
+    #[test]
+    fn unknown_architectures_are_refused_with_the_supported_list() {
+        let error = load_error(r#"{"architectures": ["FalconForCausalLM"]}"#);
+        assert!(error.contains("FalconForCausalLM"), "{error}");
+        assert!(error.contains("MistralForCausalLM"), "{error}");
+    }
+
+    #[test]
+    fn unimplemented_config_fields_are_refused_not_ignored() {
+        let error = load_error(&format!(
+            r#"{{"architectures": ["MistralForCausalLM"], {TINY}, "rope_scaling": {{"type": "linear", "factor": 2.0}}}}"#
+        ));
+        assert!(error.contains("rope_scaling"), "{error}");
+        let error = load_error(&format!(
+            r#"{{"model_type": "mistral", {TINY}, "head_dim": 8}}"#
+        ));
+        assert!(error.contains("head_dim 8"), "{error}");
+    }
+
+    #[test]
+    fn a_config_without_architectures_is_read_by_model_type() {
+        let vb = VarBuilder::zeros(DType::F32, &Device::Cpu);
+        let model = load_causal_lm(
+            &format!(r#"{{"model_type": "mistral", {TINY}, "sliding_window": null}}"#),
+            vb,
+        )
+        .expect("loads");
+        assert_eq!(model.vocab_size(), 16);
+        assert_eq!(model.cache_shape().sliding_window, None);
+        assert_eq!(model.cache_shape().head_dim, 4);
+    }
+}

@@ -1,0 +1,100 @@
+//! The `candlewick` binary as a user runs it.
+
+use std::path::Path;
+use std::process::Command;
+
+fn candlewick() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_candlewick"))
+}
+
+#[test]
+fn generate_runs_the_bundled_model_with_nothing_downloaded() {
+    let output = candlewick()
+        .args([
+            "generate",
+            "--prompt",
+            "My favourite condiment is",
+            "--max-tokens",
+            "12",
+            "--seed",
+            "3",
+        ])
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    assert!(stdout.starts_with("My favourite condiment is"), "{stdout}");
+    assert!(
+        stdout.trim_end().len() > "My favourite condiment is".len(),
+        "{stdout}"
+    );
+    // The same seed prints the same text.
+    let again = candlewick()
+        .args([
+            "generate",
+            "--prompt",
+            "My favourite condiment is",
+            "--max-tokens",
+            "12",
+            "--seed",
+            "3",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8(again.stdout).unwrap(), stdout);
+}
+
+#[test]
+fn generate_greedy_on_a_fixture_prints_its_reference_continuation() {
+    let fixture =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/mistral/w8-gqa2");
+    let output = candlewick()
+        .args([
+            "generate",
+            "--model",
+            fixture.to_str().unwrap(),
+            "--prompt",
+            "Hello world",
+            "--temperature",
+            "0",
+        ])
+        .args(["--max-tokens", "8", "--logprobs", "2"])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    let mut lines = stdout.lines();
+    assert!(lines.next().unwrap().starts_with("Hello world"));
+    // One line per generated token with its logprob and two alternatives, the chosen one first.
+    let table: Vec<&str> = lines.collect();
+    assert!(!table.is_empty() && table.len() <= 8, "{stdout}");
+    for line in table {
+        let chosen_logprob: f32 = line.split_whitespace().nth(2).unwrap().parse().unwrap();
+        assert!(chosen_logprob <= 0.0, "{line}");
+        assert!(
+            line.contains(&format!("{chosen_logprob:.4}]"))
+                || line.contains(&format!("{chosen_logprob:.4},")),
+            "{line}"
+        );
+    }
+}
+
+#[test]
+fn a_missing_model_folder_fails_with_a_clear_message() {
+    let output = candlewick()
+        .args(["generate", "--model", "./no/such/model", "--prompt", "hi"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("./no/such/model"), "{stderr}");
+}
