@@ -48,7 +48,7 @@ pub struct AttentionInputs<'a> {
 }
 
 /// Returns `[batch, seq, heads * head_dim]`.
-pub fn attend(shape: &AttentionShape, inputs: &AttentionInputs) -> Vec<f32> {
+pub fn attend<'a>(shape: &AttentionShape, inputs: &AttentionInputs<'a>) -> Vec<f32> {
     let AttentionShape {
         batch,
         seq,
@@ -68,22 +68,17 @@ pub fn attend(shape: &AttentionShape, inputs: &AttentionInputs) -> Vec<f32> {
             let (row, kv_head) = (task / kv_heads, task % kv_heads);
             let ring_base = (inputs.slots[row] * kv_heads + kv_head) * capacity * head_dim;
             let new_base = (row * kv_heads + kv_head) * seq * head_dim;
-            let key = |l: usize| -> &[f32] {
-                if l < ring_len {
-                    &inputs.ring_keys[ring_base + l * head_dim..ring_base + (l + 1) * head_dim]
+            // Entry `l` of the keys (or values) this row sees: ring entries, then the step's own.
+            let entry = |ring: &'a [f32], new: &'a [f32], l: usize| -> &'a [f32] {
+                let (source, start) = if l < ring_len {
+                    (ring, ring_base + l * head_dim)
                 } else {
-                    let t = l - ring_len;
-                    &inputs.keys[new_base + t * head_dim..new_base + (t + 1) * head_dim]
-                }
+                    (new, new_base + (l - ring_len) * head_dim)
+                };
+                &source[start..start + head_dim]
             };
-            let value = |l: usize| -> &[f32] {
-                if l < ring_len {
-                    &inputs.ring_values[ring_base + l * head_dim..ring_base + (l + 1) * head_dim]
-                } else {
-                    let t = l - ring_len;
-                    &inputs.values[new_base + t * head_dim..new_base + (t + 1) * head_dim]
-                }
-            };
+            let key = |l| entry(inputs.ring_keys, inputs.keys, l);
+            let value = |l| entry(inputs.ring_values, inputs.values, l);
             let mut block = vec![0f32; seq * group * head_dim];
             let mut visible: Vec<usize> = Vec::with_capacity(key_len);
             let mut weights: Vec<f32> = Vec::with_capacity(key_len);

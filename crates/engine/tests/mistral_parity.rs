@@ -82,18 +82,27 @@ fn unpadded(reference: &LogitsReference) -> Vec<Vec<u32>> {
 
 /// Compares the logits of the real positions of row `row` (its last `count` columns in
 /// `expected`) with `actual` (`[count, vocab]`), failing at the first difference over tolerance.
-fn assert_row_close(fixture: &str, row: usize, expected: &Tensor, actual: &[Vec<f32>]) {
+/// Returns the largest difference seen.
+fn assert_row_close(fixture: &str, row: usize, expected: &Tensor, actual: &[Vec<f32>]) -> f32 {
     let expected: Vec<Vec<f32>> = expected.get(row).unwrap().to_vec2().unwrap();
     let count = actual.len();
     let offset = expected.len() - count;
+    let mut largest = 0f32;
     for (t, actual_row) in actual.iter().enumerate() {
+        assert_eq!(
+            actual_row.len(),
+            expected[offset + t].len(),
+            "{fixture}: vocabulary size"
+        );
         for (v, (&a, &e)) in actual_row.iter().zip(&expected[offset + t]).enumerate() {
             assert!(
                 (a - e).abs() <= LOGITS_TOLERANCE,
                 "{fixture}: logits differ at row {row}, position {t}, token {v}: ours {a}, transformers {e}"
             );
+            largest = largest.max((a - e).abs());
         }
     }
+    largest
 }
 
 fn expected_logits(name: &str, reference: &Reference) -> Tensor {
@@ -122,10 +131,20 @@ fn logits_match_transformers_at_every_unmasked_position_of_a_left_padded_batch()
             .collect();
         let logits = generator.step(&rows, LogitsMode::All).unwrap();
         let seq = logits.dim(1).unwrap();
+        let mut largest = 0f32;
         for (row, prompt) in prompts.iter().enumerate() {
             let all: Vec<Vec<f32>> = logits.get(row).unwrap().to_vec2().unwrap();
-            assert_row_close(fixture, row, &expected, &all[seq - prompt.len()..]);
+            largest = largest.max(assert_row_close(
+                fixture,
+                row,
+                &expected,
+                &all[seq - prompt.len()..],
+            ));
         }
+        eprintln!(
+            "{fixture}: largest |logit difference| {largest:e} over {} rows",
+            prompts.len()
+        );
     }
 }
 

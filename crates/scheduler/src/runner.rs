@@ -37,7 +37,8 @@ pub fn run_batch(
     }
     let mut slots = Vec::with_capacity(requests.len());
     let result = run_in_slots(generator, tokenizer, requests, &mut slots, &mut on_token);
-    // Whatever happened, every slot this batch took is given back.
+    // Whatever happened, every slot this batch took is given back (releasing a slot that a
+    // finished sequence already gave back is a no-op).
     for slot in slots {
         generator.release(slot);
     }
