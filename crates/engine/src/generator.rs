@@ -69,6 +69,11 @@ impl Generator {
         &self.cache
     }
 
+    /// Most tokens of one sequence in one prefill step.
+    pub fn prefill_chunk(&self) -> usize {
+        self.prefill_chunk
+    }
+
     /// Size of the model's output vocabulary.
     pub fn vocab_size(&self) -> usize {
         self.model.vocab_size()

@@ -1,9 +1,11 @@
 //! Candlewick's scheduler: the state of each sequence (sampling, stop conditions, incremental
 //! text) and the loops that drive the engine's generator over batches of them.
 
+pub mod continuous;
 pub mod runner;
 pub mod sequence;
 
+pub use continuous::{Event, Scheduler, SchedulerConfig, SchedulerStats};
 pub use runner::{run_batch, GenerationOutput};
 pub use sequence::{FinishReason, GenerationRequest, Sequence, StopConditions, TokenEvent};
 
@@ -26,6 +28,22 @@ pub enum SchedulerError {
     /// A request is not valid for this model.
     #[error("{0}")]
     InvalidRequest(String),
+    /// The prompt is longer than the configured limit.
+    #[error("the prompt has {tokens} tokens, more than the maximum of {max} input tokens")]
+    PromptTooLong { tokens: usize, max: usize },
+    /// Prompt plus requested tokens exceed the configured limit.
+    #[error("the prompt has {prompt} tokens and {max_new_tokens} more were requested: {} in all, more than the maximum of {max} tokens", prompt + max_new_tokens)]
+    TotalTooLong {
+        prompt: usize,
+        max_new_tokens: usize,
+        max: usize,
+    },
+    /// Every waiting place is taken.
+    #[error("the server is busy: {max_waiting} requests are already waiting; try again later")]
+    QueueFull { max_waiting: usize },
+    /// The engine thread is not running (shutting down).
+    #[error("the engine is shutting down")]
+    Stopped,
 }
 
 /// The scheduler's result type.

@@ -17,6 +17,9 @@ pub struct StopConditions {
     pub stop_token_ids: Vec<u32>,
     /// Keep generating past the model's end-of-sequence tokens.
     pub ignore_eos: bool,
+    /// Texts that end the sequence; the text returned stops before the first of them, and no
+    /// part of one is ever streamed.
+    pub stop_strings: Vec<String>,
 }
 
 /// Why a sequence stopped, in OpenAI's terms.
@@ -60,6 +63,39 @@ pub struct TokenEvent {
     pub finish: Option<FinishReason>,
 }
 
+/// Takes from `held` the text that can no longer be part of a stop string (all of it when
+/// `finishing`). A stop string found in it ends the sequence, and the text before it is released.
+fn release_text(held: &mut String, stops: &[String], finishing: bool) -> Released {
+    let first_stop = stops
+        .iter()
+        .filter(|stop| !stop.is_empty())
+        .filter_map(|stop| held.find(stop.as_str()))
+        .min();
+    if let Some(at) = first_stop {
+        held.truncate(at);
+        return Released::Stopped(std::mem::take(held));
+    }
+    if finishing || stops.is_empty() {
+        return Released::Text(std::mem::take(held));
+    }
+    // Keep the longest tail that some stop string starts with.
+    let keep = held
+        .char_indices()
+        .map(|(at, _)| at)
+        .find(|&at| stops.iter().any(|stop| stop.starts_with(&held[at..])))
+        .unwrap_or(held.len());
+    let rest = held.split_off(keep);
+    Released::Text(std::mem::replace(held, rest))
+}
+
+#[derive(Debug, PartialEq)]
+enum Released {
+    /// Text that is safe to show.
+    Text(String),
+    /// A stop string was found; the text before it.
+    Stopped(String),
+}
+
 /// A sequence in flight.
 pub struct Sequence {
     /// The KV-cache slot it owns.
@@ -72,6 +108,8 @@ pub struct Sequence {
     eos_token_ids: Vec<u32>,
     max_context: usize,
     finish: Option<FinishReason>,
+    /// Decoded text not yet released because it may be the start of a stop string.
+    held: String,
 }
 
 impl Sequence {
@@ -104,6 +142,7 @@ impl Sequence {
             eos_token_ids: tokenizer.eos_token_ids().to_vec(),
             max_context,
             finish: None,
+            held: String::new(),
         })
     }
 
@@ -113,7 +152,7 @@ impl Sequence {
         let token = sampled.token;
         self.generated.push(token);
         let is_eos = !self.stop.ignore_eos && self.eos_token_ids.contains(&token);
-        let finish = if is_eos || self.stop.stop_token_ids.contains(&token) {
+        let mut finish = if is_eos || self.stop.stop_token_ids.contains(&token) {
             Some(FinishReason::Stop)
         } else if self.generated.len() >= self.stop.max_new_tokens
             || self.prompt_len + self.generated.len() >= self.max_context
@@ -123,14 +162,21 @@ impl Sequence {
             None
         };
         // Stop tokens end the text: they are reported as tokens but add no characters.
-        let mut text = if finish == Some(FinishReason::Stop) {
-            String::new()
-        } else {
-            self.decoder.push(token)?.unwrap_or_default()
-        };
-        if finish.is_some() {
-            text.push_str(&self.decoder.flush()?);
+        if finish != Some(FinishReason::Stop) {
+            let delta = self.decoder.push(token)?.unwrap_or_default();
+            self.held.push_str(&delta);
         }
+        if finish.is_some() {
+            let rest = self.decoder.flush()?;
+            self.held.push_str(&rest);
+        }
+        let text = match release_text(&mut self.held, &self.stop.stop_strings, finish.is_some()) {
+            Released::Text(text) => text,
+            Released::Stopped(text) => {
+                finish = Some(FinishReason::Stop);
+                text
+            }
+        };
         self.finish = finish;
         Ok(TokenEvent {
             sampled,
@@ -152,5 +198,63 @@ impl Sequence {
     /// Set once the sequence is done.
     pub fn finish_reason(&self) -> Option<FinishReason> {
         self.finish
+    }
+
+    /// Tokens of the prompt.
+    pub fn prompt_len(&self) -> usize {
+        self.prompt_len
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Feeds `deltas` one by one; returns what was released and whether a stop string ended it.
+    fn stream(deltas: &[&str], stops: &[&str]) -> (Vec<String>, bool) {
+        let stops: Vec<String> = stops.iter().map(|s| s.to_string()).collect();
+        let mut held = String::new();
+        let mut released = Vec::new();
+        for (i, delta) in deltas.iter().enumerate() {
+            held.push_str(delta);
+            match release_text(&mut held, &stops, i + 1 == deltas.len()) {
+                Released::Text(text) => released.push(text),
+                Released::Stopped(text) => {
+                    released.push(text);
+                    return (released, true);
+                }
+            }
+        }
+        (released, false)
+    }
+
+    #[test]
+    fn a_stop_string_split_across_deltas_is_never_released() {
+        let (released, stopped) = stream(&["Hello, Wor", "ld and more"], &["World"]);
+        assert!(stopped);
+        assert_eq!(released, vec!["Hello, ", ""]);
+    }
+
+    #[test]
+    fn a_false_start_is_released_once_it_cannot_match() {
+        let (released, stopped) = stream(&["ab", "c", "d"], &["cx"]);
+        assert!(!stopped);
+        assert_eq!(released, vec!["ab", "", "cd"]);
+    }
+
+    #[test]
+    fn the_earliest_of_several_stop_strings_wins() {
+        let (released, stopped) = stream(&["one two three"], &["three", "two"]);
+        assert!(stopped);
+        assert_eq!(released.concat(), "one ");
+    }
+
+    #[test]
+    fn held_text_respects_character_boundaries_and_is_flushed_at_the_end() {
+        let (released, stopped) = stream(&["caf\u{e9}", " \u{1F600}"], &["\u{1F600}!"]);
+        assert!(!stopped);
+        assert_eq!(released, vec!["caf\u{e9}", " \u{1F600}"]);
+        let (released, _) = stream(&["x\u{1F600}", "y"], &["\u{1F600}!"]);
+        assert_eq!(released, vec!["x", "\u{1F600}y"]);
     }
 }

@@ -102,6 +102,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             max_new_tokens: args.max_tokens,
             stop_token_ids: args.stop_token_id.clone(),
             ignore_eos: args.ignore_eos,
+            stop_strings: Vec::new(),
         },
     };
 

@@ -1,0 +1,257 @@
+//! The continuous-batching scheduler on the Mistral fixtures.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use candlewick_engine::sampling::SamplingParams;
+use candlewick_engine::{load_generator, GeneratorConfig, LoadOptions, ModelSource};
+use candlewick_scheduler::{
+    Event, FinishReason, GenerationRequest, Scheduler, SchedulerConfig, SchedulerError,
+    StopConditions,
+};
+use serde::Deserialize;
+use tokio::sync::mpsc::UnboundedReceiver;
+
+#[derive(Deserialize)]
+struct Reference {
+    greedy: Greedy,
+}
+
+#[derive(Deserialize)]
+struct Greedy {
+    prompts: Vec<Vec<u32>>,
+    alone: Vec<Vec<u32>>,
+}
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/mistral")
+        .join(name)
+}
+
+fn reference(name: &str) -> Greedy {
+    let text = std::fs::read_to_string(fixture(name).join("reference.json")).unwrap();
+    serde_json::from_str::<Reference>(&text).unwrap().greedy
+}
+
+fn scheduler(
+    name: &str,
+    slots: usize,
+    config: SchedulerConfig,
+) -> (Scheduler, Arc<candlewick_engine::Tokenizer>) {
+    let options = LoadOptions {
+        generator: GeneratorConfig {
+            max_sequences: slots,
+            ..GeneratorConfig::default()
+        },
+        ..LoadOptions::default()
+    };
+    let loaded = load_generator(&ModelSource::Dir(fixture(name)), &options).unwrap();
+    let tokenizer = Arc::new(loaded.tokenizer);
+    (
+        Scheduler::start(loaded.generator, Arc::clone(&tokenizer), config).unwrap(),
+        tokenizer,
+    )
+}
+
+fn limits() -> SchedulerConfig {
+    SchedulerConfig {
+        max_waiting: 64,
+        max_batch_tokens: 256,
+        max_input_tokens: 256,
+        max_total_tokens: 512,
+        request_timeout: Some(Duration::from_secs(60)),
+    }
+}
+
+fn greedy(prompt: &[u32], max_new_tokens: usize) -> GenerationRequest {
+    GenerationRequest {
+        prompt: prompt.to_vec(),
+        sampling: SamplingParams {
+            temperature: 0.0,
+            ..SamplingParams::default()
+        },
+        stop: StopConditions {
+            max_new_tokens,
+            ..StopConditions::default()
+        },
+    }
+}
+
+/// Tokens and text of a request, and its finish reason.
+fn collect(mut events: UnboundedReceiver<Event>) -> (Vec<u32>, String, FinishReason) {
+    let (mut tokens, mut text) = (Vec::new(), String::new());
+    while let Some(event) = events.blocking_recv() {
+        match event {
+            Event::Token(token) => {
+                tokens.push(token.sampled.token);
+                text.push_str(&token.text);
+                if let Some(reason) = token.finish {
+                    return (tokens, text, reason);
+                }
+            }
+            Event::Failed(message) => panic!("request failed: {message}"),
+        }
+    }
+    panic!("the stream ended without a finish reason");
+}
+
+#[test]
+fn concurrent_requests_each_get_their_greedy_reference() {
+    let reference = reference("w8-gqa2");
+    let (scheduler, _) = scheduler("w8-gqa2", 4, limits());
+    // Three rounds of every prompt: more requests than slots, so some wait and join running
+    // batches between decode steps.
+    let receivers: Vec<(usize, UnboundedReceiver<Event>)> = (0..3)
+        .flat_map(|_| 0..reference.prompts.len())
+        .map(|i| {
+            (
+                i,
+                scheduler.submit(greedy(&reference.prompts[i], 24)).unwrap(),
+            )
+        })
+        .collect();
+    for (i, receiver) in receivers {
+        let (tokens, _, _) = collect(receiver);
+        assert_eq!(tokens, reference.alone[i], "prompt {i}");
+    }
+}
+
+#[test]
+fn long_prompts_are_prefilled_in_chunks_within_the_token_budget() {
+    let reference = reference("w4-gqa1");
+    let config = SchedulerConfig {
+        max_batch_tokens: 3,
+        ..limits()
+    };
+    let (scheduler, _) = scheduler("w4-gqa1", 5, config);
+    let receivers: Vec<_> = reference
+        .prompts
+        .iter()
+        .map(|p| scheduler.submit(greedy(p, 24)).unwrap())
+        .collect();
+    for (i, receiver) in receivers.into_iter().enumerate() {
+        assert_eq!(collect(receiver).0, reference.alone[i], "prompt {i}");
+    }
+}
+
+#[test]
+fn a_dropped_receiver_frees_its_slot_and_serving_goes_on() {
+    let reference = reference("nowin-gqa4");
+    let (scheduler, _) = scheduler("nowin-gqa4", 1, limits());
+    let mut request = greedy(&reference.prompts[0], 400);
+    request.stop.ignore_eos = true;
+    let mut events = scheduler.submit(request).unwrap();
+    for _ in 0..2 {
+        assert!(matches!(events.blocking_recv(), Some(Event::Token(_))));
+    }
+    drop(events);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while scheduler.stats().running() > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the cancelled sequence still holds its slot"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let (tokens, _, _) = collect(scheduler.submit(greedy(&reference.prompts[1], 24)).unwrap());
+    assert_eq!(tokens, reference.alone[1]);
+}
+
+#[test]
+fn a_full_queue_is_refused_at_once() {
+    let reference = reference("w4-gqa1");
+    let config = SchedulerConfig {
+        max_waiting: 1,
+        ..limits()
+    };
+    let (scheduler, _) = scheduler("w4-gqa1", 1, config);
+    let long = || {
+        let mut request = greedy(&reference.prompts[0], 300);
+        request.stop.ignore_eos = true;
+        request
+    };
+    let started = Instant::now();
+    let results: Vec<_> = (0..4).map(|_| scheduler.submit(long())).collect();
+    assert!(started.elapsed() < Duration::from_secs(1));
+    let refused = results
+        .iter()
+        .filter(|r| matches!(r, Err(SchedulerError::QueueFull { max_waiting: 1 })))
+        .count();
+    assert!(
+        refused >= 2,
+        "one runs, one waits, the rest are refused ({refused} refused)"
+    );
+    for receiver in results.into_iter().flatten() {
+        assert_eq!(collect(receiver).0.len(), 300);
+    }
+}
+
+#[test]
+fn limits_are_refused_with_both_numbers() {
+    let (scheduler, _) = scheduler(
+        "w4-gqa1",
+        1,
+        SchedulerConfig {
+            max_input_tokens: 10,
+            max_total_tokens: 20,
+            ..limits()
+        },
+    );
+    let error = scheduler
+        .submit(greedy(&[1; 11], 4))
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("11") && error.contains("10"), "{error}");
+    let error = scheduler
+        .submit(greedy(&[1; 10], 11))
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("21") && error.contains("20"), "{error}");
+    let error = scheduler
+        .submit(greedy(&[5000], 4))
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("5000"), "{error}");
+}
+
+#[test]
+fn stop_strings_cut_the_text_and_are_never_streamed() {
+    let reference = reference("w8-gqa2");
+    let (scheduler, _) = scheduler("w8-gqa2", 2, limits());
+    // A stop string taken from a greedy continuation, inside the plain text before any invalid
+    // byte run (which random weights produce).
+    let (index, full, clean) = (0..reference.prompts.len())
+        .map(|i| {
+            (
+                i,
+                collect(scheduler.submit(greedy(&reference.prompts[i], 24)).unwrap()).1,
+            )
+        })
+        .map(|(i, text)| {
+            let clean: Vec<char> = text.chars().take_while(|&c| c != '\u{FFFD}').collect();
+            (i, text, clean)
+        })
+        .max_by_key(|(_, _, clean)| clean.len())
+        .unwrap();
+    assert!(
+        clean.len() >= 8,
+        "no continuation has enough plain text: {full:?}"
+    );
+    let stop: String = clean[clean.len() / 2..clean.len() / 2 + 3].iter().collect();
+    let expected = &full[..full.find(&stop).unwrap()];
+    let mut request = greedy(&reference.prompts[index], 24);
+    request.stop.stop_strings = vec!["never appears \u{1F600}".into(), stop.clone()];
+    let mut events = scheduler.submit(request).unwrap();
+    let mut streamed = String::new();
+    while let Some(Event::Token(token)) = events.blocking_recv() {
+        streamed.push_str(&token.text);
+        assert!(!streamed.contains(&stop));
+        if let Some(reason) = token.finish {
+            assert_eq!(reason, FinishReason::Stop);
+            break;
+        }
+    }
+    assert_eq!(streamed, expected, "stop {stop:?}");
+}
