@@ -3,6 +3,7 @@
 
 pub mod attention;
 pub mod batch;
+pub mod classification;
 pub mod cpu_attention;
 pub mod cpu_matmul;
 pub mod detokenizer;
@@ -12,6 +13,7 @@ pub mod kv_cache;
 pub mod layers;
 pub mod loader;
 pub mod models;
+pub mod moe;
 pub mod sampling;
 pub mod tokenizer;
 
@@ -55,26 +57,69 @@ pub struct LoadedGenerator {
     pub architecture: String,
 }
 
+/// A sequence classifier ready to score texts, with its tokenizer.
+pub struct LoadedClassifier {
+    /// The model.
+    pub classifier: Box<dyn classification::SequenceClassifier>,
+    /// The model's tokenizer.
+    pub tokenizer: Tokenizer,
+    /// The architecture config.json named.
+    pub architecture: String,
+}
+
+/// Resolves `source` and loads it as a sequence classifier.
+pub fn load_classifier(source: &ModelSource, options: &LoadOptions) -> Result<LoadedClassifier> {
+    let opened = OpenedModel::open(source, options)?;
+    let classifier = models::load_sequence_classifier(&opened.files.config, opened.weights)?;
+    Ok(LoadedClassifier {
+        classifier,
+        tokenizer: opened.tokenizer,
+        architecture: opened.architecture,
+    })
+}
+
+/// A model's files with its tokenizer read and its weights opened.
+struct OpenedModel {
+    files: ModelFiles,
+    tokenizer: Tokenizer,
+    architecture: String,
+    weights: candle_nn::VarBuilder<'static>,
+    dtype: DType,
+}
+
+impl OpenedModel {
+    fn open(source: &ModelSource, options: &LoadOptions) -> Result<Self> {
+        let files = ModelFiles::resolve(source)?;
+        let dtype = options
+            .dtype
+            .unwrap_or_else(|| models::default_dtype(&options.device));
+        let tokenizer = Tokenizer::from_model_files(
+            &files.tokenizer,
+            files.tokenizer_config.as_deref(),
+            files.generation_config.as_deref(),
+            &files.config,
+        )?;
+        let config: serde_json::Value = models::parse_config(&files.config)?;
+        let architecture = models::architecture(&config).unwrap_or_default();
+        let weights = files.var_builder(dtype, &options.device)?;
+        Ok(Self {
+            files,
+            tokenizer,
+            architecture,
+            weights,
+            dtype,
+        })
+    }
+}
+
 /// Resolves `source`, loads its weights and tokenizer, and allocates the KV cache.
 pub fn load_generator(source: &ModelSource, options: &LoadOptions) -> Result<LoadedGenerator> {
-    let files = ModelFiles::resolve(source)?;
-    let dtype = options
-        .dtype
-        .unwrap_or_else(|| models::default_dtype(&options.device));
-    let tokenizer = Tokenizer::from_model_files(
-        &files.tokenizer,
-        files.tokenizer_config.as_deref(),
-        files.generation_config.as_deref(),
-        &files.config,
-    )?;
-    let config: serde_json::Value = models::parse_config(&files.config)?;
-    let architecture = models::architecture(&config).unwrap_or_default();
-    let vb = files.var_builder(dtype, &options.device)?;
-    let model = models::load_causal_lm(&files.config, vb)?;
-    let generator = Generator::new(model, &options.generator, &options.device, dtype)?;
+    let opened = OpenedModel::open(source, options)?;
+    let model = models::load_causal_lm(&opened.files.config, opened.weights)?;
+    let generator = Generator::new(model, &options.generator, &options.device, opened.dtype)?;
     Ok(LoadedGenerator {
         generator,
-        tokenizer,
-        architecture,
+        tokenizer: opened.tokenizer,
+        architecture: opened.architecture,
     })
 }

@@ -6,11 +6,13 @@ use candle_nn::{Activation, Embedding, VarBuilder};
 use serde::Deserialize;
 
 use crate::attention::GroupedQueryAttention;
-use crate::batch::StepBatch;
+use crate::batch::{StepBatch, StepRow};
+use crate::classification::{Labels, SequenceClassifier};
 use crate::error::{EngineError, Result};
 use crate::kv_cache::{CacheShape, KvCache, LayerCache};
 use crate::layers::{GatedMlp, Linear, RmsNorm, RotaryEmbedding, RotaryTables};
 use crate::models::{refuse_if_set, CausalLm, LogitsMode};
+use crate::moe::SparseMoe;
 
 fn default_kv_heads() -> usize {
     8
@@ -63,7 +65,7 @@ pub struct MistralConfig {
 }
 
 impl MistralConfig {
-    fn head_dim(&self) -> usize {
+    pub(crate) fn head_dim(&self) -> usize {
         self.hidden_size / self.num_attention_heads
     }
 
@@ -171,17 +173,62 @@ impl MistralAttention {
     }
 }
 
-/// `MistralDecoderLayer`: pre-norm attention and MLP, each with a residual connection.
+/// The feed-forward block of a decoder layer: Mistral's dense MLP or Mixtral's sparse mixture of
+/// experts.
+#[derive(Debug, Clone)]
+pub enum FeedForward {
+    Dense(GatedMlp),
+    Sparse(SparseMoe),
+}
+
+impl FeedForward {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Dense(mlp) => Ok(mlp.forward(x)?),
+            Self::Sparse(moe) => moe.forward(x),
+        }
+    }
+}
+
+/// Mixture-of-experts settings of a Mixtral layer.
+#[derive(Debug, Clone, Copy)]
+pub struct ExpertsConfig {
+    pub num_experts: usize,
+    pub top_k: usize,
+}
+
+/// `MistralDecoderLayer` (and `MixtralDecoderLayer`): pre-norm attention and feed-forward, each
+/// with a residual connection.
 #[derive(Debug, Clone)]
 pub struct MistralLayer {
     input_layernorm: RmsNorm,
     self_attn: MistralAttention,
     post_attention_layernorm: RmsNorm,
-    mlp: GatedMlp,
+    feed_forward: FeedForward,
 }
 
 impl MistralLayer {
-    pub fn load(vb: VarBuilder, config: &MistralConfig) -> Result<Self> {
+    pub fn load(
+        vb: VarBuilder,
+        config: &MistralConfig,
+        experts: Option<ExpertsConfig>,
+    ) -> Result<Self> {
+        let feed_forward = match experts {
+            None => FeedForward::Dense(GatedMlp::load(
+                vb.pp("mlp"),
+                config.hidden_size,
+                config.intermediate_size,
+                config.hidden_act,
+            )?),
+            Some(experts) => FeedForward::Sparse(SparseMoe::load(
+                vb.pp("block_sparse_moe"),
+                config.hidden_size,
+                config.intermediate_size,
+                experts.num_experts,
+                experts.top_k,
+                config.hidden_act,
+            )?),
+        };
         Ok(Self {
             input_layernorm: RmsNorm::load(
                 vb.pp("input_layernorm"),
@@ -194,12 +241,7 @@ impl MistralLayer {
                 config.hidden_size,
                 config.rms_norm_eps,
             )?,
-            mlp: GatedMlp::load(
-                vb.pp("mlp"),
-                config.hidden_size,
-                config.intermediate_size,
-                config.hidden_act,
-            )?,
+            feed_forward,
         })
     }
 
@@ -219,66 +261,51 @@ impl MistralLayer {
             capacity,
         )?;
         let x = (x + attention)?;
-        let mlp = self
-            .mlp
+        let feed_forward = self
+            .feed_forward
             .forward(&self.post_attention_layernorm.forward(&x)?)?;
-        Ok((x + mlp)?)
+        Ok((x + feed_forward)?)
     }
 }
 
-/// `MistralForCausalLM`.
+/// `MistralModel` (and `MixtralModel`): embeddings, the decoder layers and the final norm.
 #[derive(Debug, Clone)]
-pub struct MistralForCausalLM {
+pub struct MistralModel {
     embed_tokens: Embedding,
     layers: Vec<MistralLayer>,
     norm: RmsNorm,
-    lm_head: Linear,
     rotary: RotaryEmbedding,
     config: MistralConfig,
     dtype: DType,
     device: Device,
 }
 
-impl MistralForCausalLM {
-    /// Loads the HF checkpoint layout (`model.*`, `lm_head.weight`); with
-    /// `tie_word_embeddings` the head reuses the embedding matrix.
-    pub fn load(vb: VarBuilder, config: &MistralConfig) -> Result<Self> {
+impl MistralModel {
+    /// Loads `embed_tokens`, `layers.N` and `norm` from `vb` (the checkpoint's `model.` prefix).
+    pub fn load(
+        vb: VarBuilder,
+        config: &MistralConfig,
+        experts: Option<ExpertsConfig>,
+    ) -> Result<Self> {
         config.validate()?;
-        let model = vb.pp("model");
-        let embed_tokens = candle_nn::embedding(
-            config.vocab_size,
-            config.hidden_size,
-            model.pp("embed_tokens"),
-        )?;
+        let embed_tokens =
+            candle_nn::embedding(config.vocab_size, config.hidden_size, vb.pp("embed_tokens"))?;
         let layers = (0..config.num_hidden_layers)
-            .map(|i| MistralLayer::load(model.pp("layers").pp(i), config))
+            .map(|i| MistralLayer::load(vb.pp("layers").pp(i), config, experts))
             .collect::<Result<Vec<_>>>()?;
-        let norm = RmsNorm::load(model.pp("norm"), config.hidden_size, config.rms_norm_eps)?;
-        let lm_head = if config.tie_word_embeddings {
-            Linear::from_weight(embed_tokens.embeddings().clone())
-        } else {
-            Linear::load(
-                vb.pp("lm_head"),
-                config.hidden_size,
-                config.vocab_size,
-                false,
-            )?
-        };
         Ok(Self {
             embed_tokens,
             layers,
-            norm,
-            lm_head,
+            norm: RmsNorm::load(vb.pp("norm"), config.hidden_size, config.rms_norm_eps)?,
             rotary: RotaryEmbedding::new(config.head_dim(), config.rope_theta),
             config: config.clone(),
             dtype: vb.dtype(),
             device: vb.device().clone(),
         })
     }
-}
 
-impl CausalLm for MistralForCausalLM {
-    fn cache_shape(&self) -> CacheShape {
+    /// The cache this model needs.
+    pub fn cache_shape(&self) -> CacheShape {
         CacheShape {
             num_layers: self.config.num_hidden_layers,
             kv_heads: self.config.num_key_value_heads,
@@ -287,15 +314,19 @@ impl CausalLm for MistralForCausalLM {
         }
     }
 
-    fn vocab_size(&self) -> usize {
-        self.config.vocab_size
+    /// The config the model was built from.
+    pub fn config(&self) -> &MistralConfig {
+        &self.config
     }
 
-    fn max_position_embeddings(&self) -> usize {
-        self.config.max_position_embeddings
-    }
-
-    fn forward(&self, batch: &StepBatch, cache: &KvCache, logits: LogitsMode) -> Result<Tensor> {
+    /// Final hidden states, `[batch, seq, hidden]` (only the last column with
+    /// [`LogitsMode::Last`]: `[batch, hidden]`), normalised.
+    pub fn forward(
+        &self,
+        batch: &StepBatch,
+        cache: &KvCache,
+        columns: LogitsMode,
+    ) -> Result<Tensor> {
         let (rows, seq) = (batch.batch_size(), batch.seq_len);
         let rotary = self
             .rotary
@@ -304,10 +335,168 @@ impl CausalLm for MistralForCausalLM {
         for (index, layer) in self.layers.iter().enumerate() {
             x = layer.forward(&x, &rotary, batch, cache.layer(index), cache.capacity())?;
         }
-        if logits == LogitsMode::Last {
+        if columns == LogitsMode::Last {
             x = x.narrow(1, seq - 1, 1)?.squeeze(1)?;
         }
-        let x = self.norm.forward(&x)?;
-        Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?)
+        Ok(self.norm.forward(&x)?)
+    }
+
+    /// The input embedding matrix, for tied output heads.
+    pub fn embeddings(&self) -> &Tensor {
+        self.embed_tokens.embeddings()
+    }
+}
+
+/// `MistralForCausalLM` (and `MixtralForCausalLM`).
+#[derive(Debug, Clone)]
+pub struct MistralForCausalLM {
+    model: MistralModel,
+    lm_head: Linear,
+}
+
+impl MistralForCausalLM {
+    /// Loads the HF checkpoint layout (`model.*`, `lm_head.weight`); with
+    /// `tie_word_embeddings` the head reuses the embedding matrix.
+    pub fn load(vb: VarBuilder, config: &MistralConfig) -> Result<Self> {
+        Self::load_with_experts(vb, config, None)
+    }
+
+    /// As [`MistralForCausalLM::load`], with Mixtral's experts in place of the dense MLPs.
+    pub fn load_with_experts(
+        vb: VarBuilder,
+        config: &MistralConfig,
+        experts: Option<ExpertsConfig>,
+    ) -> Result<Self> {
+        let model = MistralModel::load(vb.pp("model"), config, experts)?;
+        let lm_head = if config.tie_word_embeddings {
+            Linear::from_weight(model.embeddings().clone())
+        } else {
+            Linear::load(
+                vb.pp("lm_head"),
+                config.hidden_size,
+                config.vocab_size,
+                false,
+            )?
+        };
+        Ok(Self { model, lm_head })
+    }
+}
+
+impl CausalLm for MistralForCausalLM {
+    fn cache_shape(&self) -> CacheShape {
+        self.model.cache_shape()
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.model.config.vocab_size
+    }
+
+    fn max_position_embeddings(&self) -> usize {
+        self.model.config.max_position_embeddings
+    }
+
+    fn forward(&self, batch: &StepBatch, cache: &KvCache, logits: LogitsMode) -> Result<Tensor> {
+        let hidden = self.model.forward(batch, cache, logits)?;
+        Ok(self.lm_head.forward(&hidden)?.to_dtype(DType::F32)?)
+    }
+}
+
+/// `MistralForSequenceClassification` (and Mixtral's): the decoder and a bias-free `score` head
+/// read at one token per sequence.
+pub struct MistralForSequenceClassification {
+    model: MistralModel,
+    score: Linear,
+    pad_token_id: Option<u32>,
+    labels: Labels,
+}
+
+impl MistralForSequenceClassification {
+    /// Loads `model.*` and `score.weight`.
+    pub fn load(
+        vb: VarBuilder,
+        config: &MistralConfig,
+        experts: Option<ExpertsConfig>,
+        labels: Labels,
+        pad_token_id: Option<u32>,
+    ) -> Result<Self> {
+        let model = MistralModel::load(vb.pp("model"), config, experts)?;
+        let score = Linear::load(
+            vb.pp("score"),
+            config.hidden_size,
+            labels.names.len(),
+            false,
+        )?;
+        Ok(Self {
+            model,
+            score,
+            pad_token_id,
+            labels,
+        })
+    }
+
+    /// The token whose hidden state is scored, as transformers 4.37.2 picks it: the position
+    /// before the first `pad_token_id` in the sequence, modulo its length. For a sequence
+    /// without that id this is its last token (index -1), which is also what a left- or
+    /// right-padded batch gives for every row; a sequence that contains the pad id as a real
+    /// token is scored at the token before it, exactly as transformers does for it alone.
+    fn pooled_index(&self, sequence: &[u32]) -> usize {
+        let first_pad = self
+            .pad_token_id
+            .and_then(|pad| sequence.iter().position(|&t| t == pad))
+            .unwrap_or(0);
+        (first_pad + sequence.len() - 1) % sequence.len()
+    }
+}
+
+impl SequenceClassifier for MistralForSequenceClassification {
+    fn classify(&self, sequences: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
+        let longest = sequences.iter().map(Vec::len).max().unwrap_or(0);
+        if sequences.is_empty() || sequences.iter().any(Vec::is_empty) {
+            return Err(EngineError::InvalidRequest(
+                "every text needs at least one token".into(),
+            ));
+        }
+        // A cache just for this call: the sequences are read once, with no generation after.
+        let mut cache = KvCache::new(
+            self.model.cache_shape(),
+            sequences.len(),
+            longest,
+            self.model.dtype,
+            &self.model.device,
+        )?;
+        let slots = sequences
+            .iter()
+            .map(|_| cache.allocate())
+            .collect::<Result<Vec<_>>>()?;
+        let rows: Vec<StepRow> = slots
+            .iter()
+            .zip(sequences)
+            .map(|(&slot, tokens)| StepRow { slot, tokens })
+            .collect();
+        let batch = StepBatch::new(
+            &rows,
+            &cache,
+            self.model.config.vocab_size,
+            &self.model.device,
+        )?;
+        let hidden = self.model.forward(&batch, &cache, LogitsMode::All)?;
+        let pooled = sequences
+            .iter()
+            .enumerate()
+            .map(|(row, sequence)| {
+                // Rows are left-padded: the sequence starts at column seq_len - len.
+                let column = batch.seq_len - sequence.len() + self.pooled_index(sequence);
+                Ok(hidden.get(row)?.get(column)?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let logits = self
+            .score
+            .forward(&Tensor::stack(&pooled, 0)?)?
+            .to_dtype(DType::F32)?;
+        Ok(logits.to_vec2()?)
+    }
+
+    fn labels(&self) -> &Labels {
+        &self.labels
     }
 }

@@ -1,11 +1,13 @@
 //! Model architectures, one file each, and the dispatch from config.json to them.
 
 pub mod mistral;
+pub mod mixtral;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::batch::StepBatch;
+use crate::classification::{Labels, SequenceClassifier};
 use crate::error::{EngineError, Result};
 use crate::kv_cache::{CacheShape, KvCache};
 
@@ -33,7 +35,7 @@ pub trait CausalLm: Send {
 }
 
 /// The causal-LM architectures Candlewick serves, as named in config.json's `architectures`.
-pub const SUPPORTED_CAUSAL_LMS: &[&str] = &["MistralForCausalLM"];
+pub const SUPPORTED_CAUSAL_LMS: &[&str] = &["MistralForCausalLM", "MixtralForCausalLM"];
 
 /// The architecture config.json names: `architectures[0]`, else derived from `model_type`.
 pub fn architecture(config: &serde_json::Value) -> Option<String> {
@@ -46,6 +48,7 @@ pub fn architecture(config: &serde_json::Value) -> Option<String> {
     }
     match config.get("model_type").and_then(|t| t.as_str())? {
         "mistral" => Some("MistralForCausalLM".into()),
+        "mixtral" => Some("MixtralForCausalLM".into()),
         other => Some(other.to_string()),
     }
 }
@@ -59,9 +62,59 @@ pub fn load_causal_lm(config_json: &str, vb: VarBuilder) -> Result<Box<dyn Causa
             let config: mistral::MistralConfig = parse_config(config_json)?;
             Ok(Box::new(mistral::MistralForCausalLM::load(vb, &config)?))
         }
+        "MixtralForCausalLM" => {
+            let config: mixtral::MixtralConfig = parse_config(config_json)?;
+            Ok(Box::new(mixtral::load_causal_lm(vb, &config)?))
+        }
         _ => Err(EngineError::UnsupportedArchitecture {
             found,
             supported: SUPPORTED_CAUSAL_LMS.to_vec(),
+        }),
+    }
+}
+
+/// The sequence classifiers Candlewick serves.
+pub const SUPPORTED_CLASSIFIERS: &[&str] = &[
+    "MistralForSequenceClassification",
+    "MixtralForSequenceClassification",
+];
+
+/// Builds the sequence classifier that `config_json` describes from the weights in `vb`.
+pub fn load_sequence_classifier(
+    config_json: &str,
+    vb: VarBuilder,
+) -> Result<Box<dyn SequenceClassifier>> {
+    let config: serde_json::Value = parse_config(config_json)?;
+    let found = architecture(&config).unwrap_or_else(|| "(none)".into());
+    let labels = Labels::from_config(&config)?;
+    let pad_token_id = config
+        .get("pad_token_id")
+        .and_then(serde_json::Value::as_u64)
+        .map(|id| id as u32);
+    match found.as_str() {
+        "MistralForSequenceClassification" => {
+            let config: mistral::MistralConfig = parse_config(config_json)?;
+            Ok(Box::new(mistral::MistralForSequenceClassification::load(
+                vb,
+                &config,
+                None,
+                labels,
+                pad_token_id,
+            )?))
+        }
+        "MixtralForSequenceClassification" => {
+            let config: mixtral::MixtralConfig = parse_config(config_json)?;
+            Ok(Box::new(mistral::MistralForSequenceClassification::load(
+                vb,
+                &config.decoder(),
+                Some(config.experts()?),
+                labels,
+                pad_token_id,
+            )?))
+        }
+        _ => Err(EngineError::UnsupportedArchitecture {
+            found,
+            supported: SUPPORTED_CLASSIFIERS.to_vec(),
         }),
     }
 }

@@ -1,5 +1,6 @@
-//! Mistral against transformers 4.37.2 (eager attention): logits of a left-padded batch and greedy
-//! generations, on the fixtures made by tests/fixtures/make_mistral_fixtures.py.
+//! Mistral and Mixtral against transformers 4.37.2 (eager attention): logits of a left-padded batch
+//! and greedy generations, on the fixtures made by tests/fixtures/make_mistral_fixtures.py and
+//! make_mixtral_fixtures.py.
 
 use std::path::{Path, PathBuf};
 
@@ -11,7 +12,13 @@ use serde::Deserialize;
 
 /// Largest absolute difference allowed between our f32 logits and transformers'.
 const LOGITS_TOLERANCE: f32 = 1e-4;
-const FIXTURES: [&str; 3] = ["w4-gqa1", "w8-gqa2", "nowin-gqa4"];
+const FIXTURES: [&str; 5] = [
+    "mistral/w4-gqa1",
+    "mistral/w8-gqa2",
+    "mistral/nowin-gqa4",
+    "mixtral/e4-w8-gqa2",
+    "mixtral/e8-nowin-gqa4",
+];
 
 #[derive(Deserialize)]
 struct Reference {
@@ -43,7 +50,7 @@ struct GreedyReference {
 
 fn fixture_dir(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/mistral")
+        .join("../../tests/fixtures")
         .join(name)
 }
 
@@ -294,7 +301,7 @@ fn tokenizer_matches_transformers_ids() {
 
 #[test]
 fn a_sequence_generating_ten_windows_holds_at_most_a_window_and_matches_a_full_recompute() {
-    let fixture = "w4-gqa1";
+    let fixture = "mistral/w4-gqa1";
     let window = 4;
     let mut loaded = load(fixture, 2, 512);
     let prompt = reference(fixture).greedy.prompts[0].clone();
