@@ -44,6 +44,7 @@ pub enum Event {
 pub struct SchedulerStats {
     waiting: AtomicUsize,
     running: AtomicUsize,
+    generated: AtomicUsize,
 }
 
 impl SchedulerStats {
@@ -55,6 +56,11 @@ impl SchedulerStats {
     /// Sequences holding a slot.
     pub fn running(&self) -> usize {
         self.running.load(Ordering::Relaxed)
+    }
+
+    /// Tokens generated since the scheduler started, by all requests.
+    pub fn generated_tokens(&self) -> usize {
+        self.generated.load(Ordering::Relaxed)
     }
 }
 
@@ -449,6 +455,7 @@ impl EngineLoop {
             }
             active.last_token_at = Some(now);
             metrics::counter!("candlewick_generated_tokens_total").increment(1);
+            self.shared.stats.generated.fetch_add(1, Ordering::Relaxed);
             let finished = event.finish.is_some();
             let delivered = active.events.send(Event::Token(event)).is_ok();
             if finished || !delivered {

@@ -140,7 +140,8 @@ fn long_prompts_are_prefilled_in_chunks_within_the_token_budget() {
 fn a_dropped_receiver_frees_its_slot_and_serving_goes_on() {
     let reference = reference("nowin-gqa4");
     let (scheduler, _) = scheduler("nowin-gqa4", 1, limits());
-    let mut request = greedy(&reference.prompts[0], 400);
+    let max_new_tokens = 470;
+    let mut request = greedy(&reference.prompts[0], max_new_tokens);
     request.stop.ignore_eos = true;
     let mut events = scheduler.submit(request).unwrap();
     for _ in 0..2 {
@@ -155,6 +156,12 @@ fn a_dropped_receiver_frees_its_slot_and_serving_goes_on() {
         );
         std::thread::sleep(Duration::from_millis(5));
     }
+    // The sequence stopped early rather than running to its end.
+    let generated = scheduler.stats().generated_tokens();
+    assert!(
+        generated < max_new_tokens,
+        "{generated} tokens generated for a cancelled request"
+    );
     let (tokens, _, _) = collect(scheduler.submit(greedy(&reference.prompts[1], 24)).unwrap());
     assert_eq!(tokens, reference.alone[1]);
 }
