@@ -2,6 +2,9 @@
 
 mod bench;
 mod generate;
+mod serve;
+
+use std::io::IsTerminal;
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Device};
@@ -21,6 +24,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Serve the OpenAI-compatible HTTP API.
+    Serve(candlewick_server::config::ServeArgs),
     /// Continue a prompt and print the completion as it is generated.
     Generate(generate::GenerateArgs),
     /// Measure prefill and decode throughput on a model.
@@ -98,8 +103,11 @@ fn main() -> Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // Colours only for a person at a terminal, not in log files and collectors.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     match Cli::parse().command {
+        Command::Serve(args) => serve::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Bench(args) => bench::run(args),
     }

@@ -1,0 +1,5 @@
+//! OpenAI's request and response types (serde), and their validation.
+
+pub mod chat;
+pub mod common;
+pub mod completions;

@@ -1,0 +1,213 @@
+//! The model's chat template (Jinja, from tokenizer_config.json) rendered with minijinja, set up
+//! as transformers' `apply_chat_template` sets up jinja2: `trim_blocks`, `lstrip_blocks`, and a
+//! `raise_exception(message)` function through which templates refuse a conversation.
+
+use std::collections::BTreeMap;
+
+use minijinja::syntax::SyntaxConfig;
+use minijinja::value::Value;
+use minijinja::{Environment, ErrorKind};
+
+const TEMPLATE_NAME: &str = "chat_template";
+
+/// Why a conversation could not be turned into a prompt.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ChatTemplateError {
+    /// tokenizer_config.json has no `chat_template`.
+    #[error("this model has no chat template (tokenizer_config.json has no chat_template); use /v1/completions")]
+    Missing,
+    /// The template does not compile.
+    #[error("the model's chat template is not valid: {0}")]
+    Invalid(String),
+    /// The template called `raise_exception(message)`: the conversation is not one it accepts.
+    #[error("{0}")]
+    Raised(String),
+    /// Rendering failed for another reason.
+    #[error("the model's chat template failed: {0}")]
+    Render(String),
+}
+
+/// The message of a `raise_exception` call, carried as the source of minijinja's error so that
+/// it can be told apart from the template's own failures.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct TemplateException(String);
+
+/// One message, as the template sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TemplateMessage {
+    /// "system", "user", "assistant", ...
+    pub role: String,
+    /// The text (content parts already joined).
+    pub content: String,
+    /// The optional participant name.
+    pub name: Option<String>,
+}
+
+/// A compiled chat template with the model's special tokens.
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    bos_token: String,
+    eos_token: String,
+}
+
+impl ChatTemplate {
+    /// Compiles `source`; `bos_token` and `eos_token` are the texts the template may write.
+    pub fn new(
+        source: &str,
+        bos_token: Option<&str>,
+        eos_token: Option<&str>,
+    ) -> Result<Self, ChatTemplateError> {
+        let mut env = Environment::new();
+        let syntax = SyntaxConfig::builder()
+            .trim_blocks(true)
+            .lstrip_blocks(true)
+            .build()
+            .map_err(|e| ChatTemplateError::Invalid(describe(&e)))?;
+        env.set_syntax(syntax);
+        // Python string and dict methods (.strip(), .startswith(), .items(), ...) that Hugging
+        // Face templates call.
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", raise_exception);
+        env.add_template_owned(TEMPLATE_NAME, source.to_string())
+            .map_err(|e| ChatTemplateError::Invalid(describe(&e)))?;
+        Ok(Self {
+            env,
+            bos_token: bos_token.unwrap_or_default().to_string(),
+            eos_token: eos_token.unwrap_or_default().to_string(),
+        })
+    }
+
+    /// The prompt text for `messages`, ending with the assistant's turn
+    /// (`add_generation_prompt=true`).
+    pub fn render(&self, messages: &[TemplateMessage]) -> Result<String, ChatTemplateError> {
+        let messages: Vec<Value> = messages.iter().map(message_value).collect();
+        let template = self
+            .env
+            .get_template(TEMPLATE_NAME)
+            .map_err(|e| ChatTemplateError::Invalid(describe(&e)))?;
+        template
+            .render(minijinja::context! {
+                messages => messages,
+                bos_token => &self.bos_token,
+                eos_token => &self.eos_token,
+                add_generation_prompt => true,
+            })
+            .map_err(|error| match raised_message(&error) {
+                Some(message) => ChatTemplateError::Raised(message),
+                None => ChatTemplateError::Render(describe(&error)),
+            })
+    }
+}
+
+fn message_value(message: &TemplateMessage) -> Value {
+    let mut map = BTreeMap::new();
+    map.insert("role", Value::from(message.role.as_str()));
+    map.insert("content", Value::from(message.content.as_str()));
+    // Absent rather than none, so that `message.name is defined` works as in transformers.
+    if let Some(name) = &message.name {
+        map.insert("name", Value::from(name.as_str()));
+    }
+    Value::from(map)
+}
+
+fn raise_exception(message: String) -> Result<Value, minijinja::Error> {
+    Err(
+        minijinja::Error::new(ErrorKind::InvalidOperation, message.clone())
+            .with_source(TemplateException(message)),
+    )
+}
+
+/// The message of a `raise_exception` call somewhere in `error`'s chain of sources.
+fn raised_message(error: &minijinja::Error) -> Option<String> {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(current) = source {
+        if let Some(exception) = current.downcast_ref::<TemplateException>() {
+            return Some(exception.0.clone());
+        }
+        source = current.source();
+    }
+    None
+}
+
+/// minijinja's message with the template line, without its multi-line debug rendering.
+fn describe(error: &minijinja::Error) -> String {
+    match error.line() {
+        Some(line) => format!("{} (line {line})", error.detail().unwrap_or("error")),
+        None => error.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The template of tests/fixtures/mistral/w8-gqa2/tokenizer_config.json (Mistral-Instruct).
+    fn mistral_template() -> ChatTemplate {
+        let config = include_str!("../../../tests/fixtures/mistral/w8-gqa2/tokenizer_config.json");
+        let config: serde_json::Value = serde_json::from_str(config).unwrap();
+        let source = config["chat_template"].as_str().unwrap();
+        ChatTemplate::new(source, Some("<s>"), Some("</s>")).unwrap()
+    }
+
+    fn message(role: &str, content: &str) -> TemplateMessage {
+        TemplateMessage {
+            role: role.into(),
+            content: content.into(),
+            name: None,
+        }
+    }
+
+    #[test]
+    fn mistral_template_renders_user_assistant_alternation() {
+        let rendered = mistral_template()
+            .render(&[
+                message("user", "hi"),
+                message("assistant", "answer"),
+                message("user", "more"),
+            ])
+            .unwrap();
+        assert_eq!(
+            rendered,
+            "<s>[INST] hi [/INST]answer</s>[INST] more [/INST]"
+        );
+    }
+
+    #[test]
+    fn system_message_raises_the_templates_exception() {
+        let error = mistral_template()
+            .render(&[message("system", "be brief"), message("user", "hi")])
+            .unwrap_err();
+        match error {
+            ChatTemplateError::Raised(message) => assert_eq!(
+                message,
+                "Conversation roles must alternate user/assistant/user/assistant/..."
+            ),
+            other => panic!("expected the template's exception, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn python_string_methods_and_trim_blocks_work_as_in_transformers() {
+        let template = ChatTemplate::new(
+            "{% for m in messages %}\n    {% if m.name is defined %}{{ m.content.strip() }}{% endif %}\n{% endfor %}",
+            None,
+            None,
+        )
+        .unwrap();
+        let rendered = template
+            .render(&[TemplateMessage {
+                role: "user".into(),
+                content: "  padded  ".into(),
+                name: Some("ann".into()),
+            }])
+            .unwrap();
+        assert_eq!(rendered, "padded");
+    }
+
+    #[test]
+    fn template_that_does_not_compile_is_reported_as_invalid() {
+        let error = ChatTemplate::new("{% for %}", None, None).err().unwrap();
+        assert!(matches!(error, ChatTemplateError::Invalid(_)), "{error:?}");
+    }
+}

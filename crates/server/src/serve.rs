@@ -1,0 +1,126 @@
+//! `candlewick serve`: load the model, start the scheduler, serve the OpenAI-compatible API,
+//! and on SIGTERM or SIGINT stop accepting, finish what is in flight, then stop the engine.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use candlewick_engine::{load_generator, GeneratorConfig, LoadOptions};
+use candlewick_scheduler::SchedulerConfig;
+use candlewick_server::config::{ServeArgs, Settings};
+use candlewick_server::routes;
+use candlewick_server::state::AppState;
+
+use crate::ModelArgs;
+
+/// How often histogram buckets are compacted between scrapes.
+const METRICS_UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+pub fn run(args: ServeArgs) -> Result<()> {
+    let settings = Settings::load(&args, |name| std::env::var(name).ok())?;
+    let model = ModelArgs {
+        model: settings.model.clone(),
+        device: settings.device.clone(),
+        dtype: settings.dtype.clone(),
+    };
+    let source = model.source()?;
+    let options = LoadOptions {
+        device: model.device()?,
+        dtype: model.dtype()?,
+        generator: GeneratorConfig {
+            max_sequences: settings.max_running,
+            ..GeneratorConfig::default()
+        },
+    };
+    // Loading is blocking work: it happens before the async runtime exists.
+    let loaded = load_generator(&source, &options)
+        .with_context(|| format!("loading {}", source.display_name()))?;
+    let max_context = loaded.generator.cache().max_context();
+    let (max_input_tokens, max_total_tokens) = settings.token_limits(max_context)?;
+    let model_name = settings
+        .served_model_name
+        .clone()
+        .unwrap_or_else(|| source.display_name());
+    tracing::info!(
+        model = %source.display_name(),
+        served_as = %model_name,
+        architecture = %loaded.architecture,
+        max_context,
+        max_input_tokens,
+        max_total_tokens,
+        max_running = settings.max_running,
+        "model loaded"
+    );
+    let metrics = candlewick_server::metrics::prometheus();
+    let state = Arc::new(AppState::start(
+        model_name,
+        loaded,
+        SchedulerConfig {
+            max_waiting: settings.max_waiting,
+            max_batch_tokens: settings.max_batch_tokens,
+            max_input_tokens,
+            max_total_tokens,
+            request_timeout: settings.request_timeout,
+        },
+    )?);
+    let router = routes::router(Arc::clone(&state), &settings.router_options())?;
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind((settings.host.as_str(), settings.port))
+            .await
+            .with_context(|| format!("binding {}:{}", settings.host, settings.port))?;
+        tracing::info!("listening on http://{}", listener.local_addr()?);
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(METRICS_UPKEEP_INTERVAL);
+            loop {
+                ticks.tick().await;
+                metrics.run_upkeep();
+            }
+        });
+        axum::serve(listener, router)
+            .with_graceful_shutdown(shutdown_signal())
+            .await
+            .context("serving")
+    })?;
+    // Every connection is closed: drop what the runtime still holds, then stop the engine.
+    runtime.shutdown_timeout(Duration::from_secs(5));
+    match Arc::try_unwrap(state) {
+        Ok(state) => state.shutdown(),
+        Err(_) => tracing::warn!("requests still hold the engine; stopping without waiting"),
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
+async fn shutdown_signal() {
+    let interrupt = async {
+        if let Err(error) = tokio::signal::ctrl_c().await {
+            tracing::warn!(%error, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                terminate.recv().await;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = interrupt => {}
+        () = terminate => {}
+    }
+    tracing::info!("shutting down: no new connections; finishing requests in flight");
+}

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Every test: the Rust workspace (unit, parity and integration tests), then the end-to-end tests
+# that start the real `candlewick` binary and talk to it with the official openai client.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+cargo test --workspace
+
+# `cargo test` has just built target/debug/candlewick for the CLI tests; the end-to-end tests use
+# it unless CANDLEWICK_BIN names another build.
+export CANDLEWICK_BIN="${CANDLEWICK_BIN:-$PWD/target/debug/candlewick}"
+venv="${CANDLEWICK_E2E_VENV:-$PWD/target/e2e-venv}"
+if [ ! -x "$venv/bin/python" ]; then
+    python3 -m venv "$venv"
+fi
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r tests/e2e/requirements.txt
+"$venv/bin/python" -m pytest tests/e2e -q -p no:cacheprovider
