@@ -1,6 +1,7 @@
 //! `candlewick`: serve and run Hugging Face checkpoints.
 
 mod bench;
+mod classify;
 mod generate;
 mod serve;
 
@@ -28,6 +29,8 @@ enum Command {
     Serve(candlewick_server::config::ServeArgs),
     /// Continue a prompt and print the completion as it is generated.
     Generate(generate::GenerateArgs),
+    /// Score texts with a sequence classifier and print each label's score.
+    Classify(classify::ClassifyArgs),
     /// Measure prefill and decode throughput on a model.
     Bench(bench::BenchArgs),
 }
@@ -109,6 +112,7 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Serve(args) => serve::run(args),
         Command::Generate(args) => generate::run(args),
+        Command::Classify(args) => classify::run(args),
         Command::Bench(args) => bench::run(args),
     }
 }

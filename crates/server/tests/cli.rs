@@ -98,3 +98,60 @@ fn a_missing_model_folder_fails_with_a_clear_message() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("./no/such/model"), "{stderr}");
 }
+
+#[test]
+fn classify_prints_every_label_with_the_reference_scores() {
+    #[derive(serde::Deserialize)]
+    struct Reference {
+        labels: Vec<String>,
+        cases: Vec<Case>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Case {
+        text: String,
+        scores: Vec<f32>,
+    }
+    let fixture =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/classifiers/mixtral-cls5");
+    let reference: Reference = serde_json::from_str(
+        &std::fs::read_to_string(fixture.join("classification.json")).unwrap(),
+    )
+    .unwrap();
+    let case = &reference.cases[1];
+    let output = candlewick()
+        .args([
+            "classify",
+            "--model",
+            fixture.to_str().unwrap(),
+            "--text",
+            &case.text,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    let printed: Vec<(String, f32)> = stdout
+        .lines()
+        .skip(1)
+        .map(|line| {
+            let mut parts = line.split_whitespace();
+            (
+                parts.next().unwrap().to_string(),
+                parts.next().unwrap().parse().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(printed.len(), reference.labels.len(), "{stdout}");
+    for (label, score) in printed {
+        let index = reference.labels.iter().position(|l| *l == label).unwrap();
+        assert!(
+            (score - case.scores[index]).abs() < 1e-4,
+            "{label}: {score} vs {}",
+            case.scores[index]
+        );
+    }
+}
