@@ -242,7 +242,7 @@ mod tests {
             Strip::new(' ', 1, 0).into(),
         ];
         tokenizer.with_decoder(Some(Sequence::new(decoders)));
-        tokenizer.add_special_tokens(&[
+        let _ = tokenizer.add_special_tokens([
             AddedToken::from("<s>", true),
             AddedToken::from("</s>", true),
         ]);
@@ -278,7 +278,7 @@ mod tests {
         let mut tokenizer = bpe(pieces, &words, false);
         tokenizer.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
         tokenizer.with_decoder(Some(ByteLevel::default()));
-        tokenizer.add_special_tokens(&[AddedToken::from("<|endoftext|>", true)]);
+        let _ = tokenizer.add_special_tokens([AddedToken::from("<|endoftext|>", true)]);
         tokenizer
     }
 
