@@ -7,6 +7,7 @@ pub mod classification;
 pub mod cpu_attention;
 pub mod cpu_matmul;
 pub mod detokenizer;
+pub mod encoder;
 pub mod error;
 pub mod generator;
 pub mod kv_cache;
