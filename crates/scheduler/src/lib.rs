@@ -2,10 +2,12 @@
 //! text) and the loops that drive the engine's generator over batches of them.
 
 pub mod continuous;
+pub mod encoder;
 pub mod runner;
 pub mod sequence;
 
 pub use continuous::{Event, Scheduler, SchedulerConfig, SchedulerStats};
+pub use encoder::{EncodeResult, EncodedSequence, EncoderConfig, EncoderInfo, EncoderScheduler};
 pub use runner::{run_batch, GenerationOutput};
 pub use sequence::{FinishReason, GenerationRequest, Sequence, StopConditions, TokenEvent};
 
