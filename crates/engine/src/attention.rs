@@ -235,8 +235,8 @@ mod tests {
             let tensors = attention
                 .forward_tensors(&q, &k, &v, &batch, caches[1].layer(0))
                 .unwrap();
-            let (cpu, tensors): (Vec<Vec<Vec<f32>>>, Vec<Vec<Vec<f32>>>) =
-                (cpu.to_vec3().unwrap(), tensors.to_vec3().unwrap());
+            let cpu: Vec<Vec<Vec<f32>>> = cpu.to_vec3().unwrap();
+            let tensors: Vec<Vec<Vec<f32>>> = tensors.to_vec3().unwrap();
             for (row, &(_, count)) in step.iter().enumerate() {
                 for t in seq - count..seq {
                     for (a, b) in cpu[row][t].iter().zip(&tensors[row][t]) {

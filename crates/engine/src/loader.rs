@@ -248,6 +248,8 @@ impl Drop for ProgressBackend {
 }
 
 /// Fetches named files of a folder or a hub repository.
+// One lives for the length of a load: the size of its variants does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Fetcher {
     Dir(PathBuf),
     Hub {

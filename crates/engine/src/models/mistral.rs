@@ -73,7 +73,9 @@ impl MistralConfig {
     pub fn validate(&self) -> Result<()> {
         refuse_if_set("rope_scaling", &self.rope_scaling)?;
         let unsupported = |what: String| Err(EngineError::UnsupportedConfig(what));
-        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+        if self.num_attention_heads == 0
+            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
+        {
             return unsupported(format!(
                 "hidden_size {} is not a multiple of num_attention_heads {}",
                 self.hidden_size, self.num_attention_heads
@@ -87,14 +89,17 @@ impl MistralConfig {
                 ));
             }
         }
-        if self.num_key_value_heads == 0 || self.num_attention_heads % self.num_key_value_heads != 0
+        if self.num_key_value_heads == 0
+            || !self
+                .num_attention_heads
+                .is_multiple_of(self.num_key_value_heads)
         {
             return unsupported(format!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {}",
                 self.num_attention_heads, self.num_key_value_heads
             ));
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             return unsupported(format!(
                 "rotary embeddings need an even head size, got {}",
                 self.head_dim()
