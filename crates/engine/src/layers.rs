@@ -8,7 +8,7 @@ use candle_nn::{Activation, VarBuilder};
 
 use crate::error::Result;
 
-/// A bias-free linear layer `y = x W^T` over the last dimension of `x`.
+/// A linear layer `y = x W^T (+ b)` over the last dimension of `x`.
 #[derive(Debug, Clone)]
 pub struct Linear {
     weight: Tensor,
@@ -25,6 +25,11 @@ impl Linear {
             None
         };
         Ok(Self { weight, bias })
+    }
+
+    /// A layer over an existing weight `[out, in]` and bias `[out]`.
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { weight, bias }
     }
 
     /// A layer over an existing weight (tied embeddings).

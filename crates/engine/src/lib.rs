@@ -8,6 +8,8 @@ pub mod cpu_attention;
 pub mod cpu_matmul;
 pub mod detokenizer;
 pub mod encoder;
+pub mod encoder_heads;
+pub mod encoder_layers;
 pub mod error;
 pub mod generator;
 pub mod kv_cache;
@@ -19,6 +21,7 @@ pub mod sampling;
 pub mod tokenizer;
 
 pub use batch::StepRow;
+pub use encoder::{EncoderInput, EncoderModel, EncoderOutput, EncoderTask};
 pub use error::{EngineError, Result};
 pub use generator::{Generator, GeneratorConfig};
 pub use loader::{ModelFiles, ModelSource};
@@ -74,6 +77,27 @@ pub fn load_classifier(source: &ModelSource, options: &LoadOptions) -> Result<Lo
     let classifier = models::load_sequence_classifier(&opened.files.config, opened.weights)?;
     Ok(LoadedClassifier {
         classifier,
+        tokenizer: opened.tokenizer,
+        architecture: opened.architecture,
+    })
+}
+
+/// An encoder with its head, ready to run batches, with its tokenizer.
+pub struct LoadedEncoder {
+    /// The model and its head.
+    pub model: Box<dyn EncoderModel>,
+    /// The model's tokenizer.
+    pub tokenizer: Tokenizer,
+    /// The architecture config.json named.
+    pub architecture: String,
+}
+
+/// Resolves `source` and loads it as an encoder with the head its config.json names.
+pub fn load_encoder(source: &ModelSource, options: &LoadOptions) -> Result<LoadedEncoder> {
+    let opened = OpenedModel::open(source, options)?;
+    let model = models::load_encoder(&opened.files.config, opened.weights)?;
+    Ok(LoadedEncoder {
+        model,
         tokenizer: opened.tokenizer,
         architecture: opened.architecture,
     })

@@ -1,13 +1,16 @@
 //! Model architectures, one file each, and the dispatch from config.json to them.
 
+pub mod megatron_bert;
 pub mod mistral;
 pub mod mixtral;
+pub mod mobilebert;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::batch::StepBatch;
 use crate::classification::{Labels, SequenceClassifier};
+use crate::encoder::{EncoderModel, EncoderTask};
 use crate::error::{EngineError, Result};
 use crate::kv_cache::{CacheShape, KvCache};
 
@@ -35,7 +38,11 @@ pub trait CausalLm: Send {
 }
 
 /// The causal-LM architectures Candlewick serves, as named in config.json's `architectures`.
-pub const SUPPORTED_CAUSAL_LMS: &[&str] = &["MistralForCausalLM", "MixtralForCausalLM"];
+pub const SUPPORTED_CAUSAL_LMS: &[&str] = &[
+    "MistralForCausalLM",
+    "MixtralForCausalLM",
+    "MegatronBertForCausalLM",
+];
 
 /// The architecture config.json names: `architectures[0]`, else derived from `model_type`.
 pub fn architecture(config: &serde_json::Value) -> Option<String> {
@@ -49,6 +56,9 @@ pub fn architecture(config: &serde_json::Value) -> Option<String> {
     match config.get("model_type").and_then(|t| t.as_str())? {
         "mistral" => Some("MistralForCausalLM".into()),
         "mixtral" => Some("MixtralForCausalLM".into()),
+        // What transformers' AutoModel builds for these model types: the base encoder.
+        "mobilebert" => Some("MobileBertModel".into()),
+        "megatron-bert" => Some("MegatronBertModel".into()),
         other => Some(other.to_string()),
     }
 }
@@ -66,10 +76,77 @@ pub fn load_causal_lm(config_json: &str, vb: VarBuilder) -> Result<Box<dyn Causa
             let config: mixtral::MixtralConfig = parse_config(config_json)?;
             Ok(Box::new(mixtral::load_causal_lm(vb, &config)?))
         }
+        "MegatronBertForCausalLM" => {
+            let config: megatron_bert::MegatronBertConfig = parse_config(config_json)?;
+            Ok(Box::new(megatron_bert::MegatronBertForCausalLM::load(
+                vb, &config,
+            )?))
+        }
         _ => Err(EngineError::UnsupportedArchitecture {
             found,
             supported: SUPPORTED_CAUSAL_LMS.to_vec(),
         }),
+    }
+}
+
+/// The encoders Candlewick serves, as named in config.json's `architectures`. A
+/// `*ForPreTraining` checkpoint is served as its masked-LM head, as transformers' fill-mask
+/// pipeline loads it.
+pub const SUPPORTED_ENCODERS: &[&str] = &[
+    "MobileBertModel",
+    "MobileBertForSequenceClassification",
+    "MobileBertForTokenClassification",
+    "MobileBertForQuestionAnswering",
+    "MobileBertForMaskedLM",
+    "MobileBertForPreTraining",
+    "MobileBertForMultipleChoice",
+    "MobileBertForNextSentencePrediction",
+    "MegatronBertModel",
+    "MegatronBertForSequenceClassification",
+    "MegatronBertForTokenClassification",
+    "MegatronBertForQuestionAnswering",
+    "MegatronBertForMaskedLM",
+    "MegatronBertForPreTraining",
+    "MegatronBertForMultipleChoice",
+    "MegatronBertForNextSentencePrediction",
+];
+
+/// The model family and head an encoder architecture names.
+fn encoder_head(architecture: &str) -> Option<(&'static str, EncoderTask)> {
+    let (family, head) = ["MobileBert", "MegatronBert"]
+        .into_iter()
+        .find_map(|family| Some((family, architecture.strip_prefix(family)?)))?;
+    let task = match head {
+        "Model" => EncoderTask::FeatureExtraction,
+        "ForSequenceClassification" => EncoderTask::SequenceClassification,
+        "ForTokenClassification" => EncoderTask::TokenClassification,
+        "ForQuestionAnswering" => EncoderTask::QuestionAnswering,
+        "ForMaskedLM" | "ForPreTraining" => EncoderTask::MaskedLm,
+        "ForMultipleChoice" => EncoderTask::MultipleChoice,
+        "ForNextSentencePrediction" => EncoderTask::NextSentencePrediction,
+        _ => return None,
+    };
+    Some((family, task))
+}
+
+/// Builds the encoder and head that `config_json` describes (by `architectures[0]`) from the
+/// weights in `vb`.
+pub fn load_encoder(config_json: &str, vb: VarBuilder) -> Result<Box<dyn EncoderModel>> {
+    let config: serde_json::Value = parse_config(config_json)?;
+    let found = architecture(&config).unwrap_or_else(|| "(none)".into());
+    let Some((family, task)) = encoder_head(&found) else {
+        return Err(EngineError::UnsupportedArchitecture {
+            found,
+            supported: SUPPORTED_ENCODERS.to_vec(),
+        });
+    };
+    let labels = Labels::from_config(&config)?;
+    if family == "MobileBert" {
+        let config: mobilebert::MobileBertConfig = parse_config(config_json)?;
+        Ok(Box::new(mobilebert::load(vb, &config, task, labels)?))
+    } else {
+        let config: megatron_bert::MegatronBertConfig = parse_config(config_json)?;
+        Ok(Box::new(megatron_bert::load(vb, &config, task, labels)?))
     }
 }
 
@@ -178,6 +255,107 @@ mod tests {
             r#"{{"model_type": "mistral", {TINY}, "head_dim": 8}}"#
         ));
         assert!(error.contains("head_dim 8"), "{error}");
+    }
+
+    const TINY_MOBILEBERT: &str = r#""vocab_size": 16, "hidden_size": 8, "embedding_size": 4,
+        "intra_bottleneck_size": 4, "intermediate_size": 8, "num_hidden_layers": 1,
+        "num_attention_heads": 2, "num_feedforward_networks": 2, "max_position_embeddings": 8"#;
+    const TINY_MEGATRON: &str = r#""vocab_size": 16, "hidden_size": 8, "intermediate_size": 8,
+        "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 8"#;
+
+    fn encoder(config: &str) -> Result<Box<dyn EncoderModel>> {
+        load_encoder(config, VarBuilder::zeros(DType::F32, &Device::Cpu))
+    }
+
+    #[test]
+    fn encoder_architectures_pick_their_head() {
+        for (architecture, task) in [
+            ("MobileBertModel", EncoderTask::FeatureExtraction),
+            ("MobileBertForPreTraining", EncoderTask::MaskedLm),
+            (
+                "MobileBertForQuestionAnswering",
+                EncoderTask::QuestionAnswering,
+            ),
+            (
+                "MegatronBertForNextSentencePrediction",
+                EncoderTask::NextSentencePrediction,
+            ),
+            ("MegatronBertForMultipleChoice", EncoderTask::MultipleChoice),
+        ] {
+            let tiny = if architecture.starts_with("Mobile") {
+                TINY_MOBILEBERT
+            } else {
+                TINY_MEGATRON
+            };
+            let model = encoder(&format!(
+                r#"{{"architectures": ["{architecture}"], {tiny}}}"#
+            ))
+            .expect(architecture);
+            assert_eq!(model.task(), task, "{architecture}");
+            assert_eq!(model.hidden_size(), 8);
+            assert_eq!(model.max_positions(), 8);
+        }
+        let model = encoder(&format!(
+            r#"{{"model_type": "megatron-bert", {TINY_MEGATRON}}}"#
+        ))
+        .expect("read by model_type");
+        assert_eq!(model.task(), EncoderTask::FeatureExtraction);
+        let input = crate::encoder::EncoderInput {
+            ids: vec![1, 2, 3],
+            type_ids: vec![0, 0, 1],
+        };
+        match model.forward(&[input]).expect("runs") {
+            crate::encoder::EncoderOutput::Hidden { last, pooled } => {
+                assert_eq!((last[0].len(), last[0][0].len()), (3, 8));
+                assert_eq!(pooled.expect("pooler")[0].len(), 8);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn unsupported_encoders_and_configs_are_refused() {
+        let error = encoder(r#"{"architectures": ["BertForMaskedLM"]}"#)
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(error.contains("BertForMaskedLM"), "{error}");
+        assert!(error.contains("MobileBertForMaskedLM"), "{error}");
+        let refused = |config: String, needle: &str| {
+            let error = encoder(&config).err().expect("refused").to_string();
+            assert!(error.contains(needle), "{error}");
+        };
+        refused(
+            format!(
+                r#"{{"architectures": ["MegatronBertModel"], {TINY_MEGATRON}, "position_embedding_type": "relative_key"}}"#
+            ),
+            "relative_key",
+        );
+        refused(
+            format!(
+                r#"{{"architectures": ["MobileBertModel"], {TINY_MOBILEBERT}, "hidden_act": "gelu_fancy"}}"#
+            ),
+            "gelu_fancy",
+        );
+        refused(
+            format!(
+                r#"{{"architectures": ["MobileBertModel"], {TINY_MOBILEBERT}, "normalization_type": "batch_norm"}}"#
+            ),
+            "batch_norm",
+        );
+        refused(
+            format!(
+                r#"{{"architectures": ["MobileBertForQuestionAnswering"], {TINY_MOBILEBERT}, "num_labels": 3}}"#
+            ),
+            "num_labels = 2",
+        );
+        refused(
+            format!(
+                r#"{{"architectures": ["MobileBertForMaskedLM"], {}, "embedding_size": 16}}"#,
+                TINY_MOBILEBERT.replace(r#""embedding_size": 4,"#, "")
+            ),
+            "embedding_size 16",
+        );
     }
 
     #[test]

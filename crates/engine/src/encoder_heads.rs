@@ -1,0 +1,353 @@
+//! The heads of BERT-family encoders and the [`EncoderModel`] that runs a body under one of
+//! them. The heads are transformers' `*For{SequenceClassification, TokenClassification,
+//! QuestionAnswering, MaskedLM, MultipleChoice, NextSentencePrediction}` and the base model;
+//! their weight names are the same in every BERT-family model.
+
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::VarBuilder;
+
+use crate::classification::Labels;
+use crate::encoder::{EncoderInput, EncoderModel, EncoderOutput, EncoderTask};
+use crate::encoder_layers::{HiddenAct, InputLimits, Norm, PaddedBatch};
+use crate::error::{EngineError, Result};
+use crate::layers::Linear;
+
+/// The part of an encoder below its head: a padded batch in, the last hidden states
+/// `[batch, seq_len, hidden]` out.
+pub trait EncoderBody: Send {
+    /// What the body accepts.
+    fn limits(&self) -> InputLimits;
+    /// Width of the hidden states.
+    fn hidden_size(&self) -> usize;
+    /// The last hidden states of `batch`.
+    fn forward(&self, batch: &PaddedBatch) -> Result<Tensor>;
+}
+
+/// The weights of a base model inside a checkpoint: under `prefix` (transformers'
+/// `base_model_prefix`) when the checkpoint has a head, at the root when it is a base model's.
+pub fn base_model_vb<'a>(vb: &VarBuilder<'a>, prefix: &str) -> VarBuilder<'a> {
+    if vb.contains_tensor(&format!("{prefix}.embeddings.word_embeddings.weight")) {
+        vb.pp(prefix)
+    } else {
+        vb.clone()
+    }
+}
+
+/// The pooler: the first token's hidden state, through `tanh(dense(.))` when the model has the
+/// dense layer (MobileBERT's `classifier_activation`; always for MegatronBERT).
+#[derive(Debug, Clone)]
+pub struct Pooler {
+    dense: Option<Linear>,
+}
+
+impl Pooler {
+    /// Loads `dense` (`hidden -> hidden`) from `vb` (transformers' `pooler`).
+    pub fn with_dense(vb: VarBuilder, hidden_size: usize) -> Result<Self> {
+        Ok(Self {
+            dense: Some(Linear::load(
+                vb.pp("dense"),
+                hidden_size,
+                hidden_size,
+                true,
+            )?),
+        })
+    }
+
+    /// The pooler that returns the first token's hidden state as is.
+    pub fn first_token() -> Self {
+        Self { dense: None }
+    }
+
+    /// `[batch, hidden]` from the last hidden states `[batch, seq, hidden]`.
+    pub fn forward(&self, hidden: &Tensor) -> Result<Tensor> {
+        let first = hidden.narrow(1, 0, 1)?.squeeze(1)?;
+        Ok(match &self.dense {
+            Some(dense) => dense.forward(&first)?.tanh()?,
+            None => first,
+        })
+    }
+}
+
+/// `cls.predictions`: `dense`, the activation and a LayerNorm (`transform`), then the decoder
+/// over the vocabulary with its bias.
+#[derive(Debug, Clone)]
+pub struct LmPredictionHead {
+    dense: Linear,
+    activation: HiddenAct,
+    layer_norm: Norm,
+    decoder: Linear,
+    span: tracing::Span,
+}
+
+impl LmPredictionHead {
+    /// Loads `transform.dense`, `transform.LayerNorm` and the bias (`bias`, or its tied twin
+    /// `decoder.bias`) from `vb` (transformers' `cls.predictions`); `decoder_weight` is
+    /// `[vocab, hidden]`, built by the model (tied to the word embeddings as transformers ties
+    /// it).
+    pub fn load(
+        vb: VarBuilder,
+        hidden_size: usize,
+        activation: HiddenAct,
+        layer_norm_eps: f64,
+        decoder_weight: Tensor,
+    ) -> Result<Self> {
+        let vocab_size = decoder_weight.dim(0)?;
+        let bias = if vb.contains_tensor("bias") {
+            vb.get(vocab_size, "bias")?
+        } else {
+            vb.get(vocab_size, "decoder.bias")?
+        };
+        Ok(Self {
+            dense: Linear::load(vb.pp("transform.dense"), hidden_size, hidden_size, true)?,
+            activation,
+            layer_norm: Norm::layer_norm(
+                vb.pp("transform.LayerNorm"),
+                hidden_size,
+                layer_norm_eps,
+            )?,
+            decoder: Linear::new(decoder_weight, Some(bias)),
+            span: tracing::span!(tracing::Level::TRACE, "lm-head"),
+        })
+    }
+
+    /// The stored decoder weight `cls.predictions.decoder.weight` (`[vocab, hidden]`), for
+    /// checkpoints whose config unties it.
+    pub fn stored_decoder_weight(
+        vb: &VarBuilder,
+        vocab_size: usize,
+        hidden_size: usize,
+    ) -> Result<Tensor> {
+        Ok(vb.get((vocab_size, hidden_size), "decoder.weight")?)
+    }
+
+    /// The output vocabulary's size.
+    pub fn vocab_size(&self) -> Result<usize> {
+        Ok(self.decoder.weight().dim(0)?)
+    }
+}
+
+impl Module for LmPredictionHead {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let _enter = self.span.enter();
+        let x = self.activation.forward(&self.dense.forward(x)?)?;
+        self.decoder.forward(&self.layer_norm.forward(&x)?)
+    }
+}
+
+/// The head on top of the body.
+#[derive(Debug, Clone)]
+enum Head {
+    /// The base model: hidden states, and the pooled output where there is a pooler.
+    Base,
+    /// `classifier` on the pooled output.
+    SequenceClassification(Linear),
+    /// `classifier` on every token.
+    TokenClassification(Linear),
+    /// `qa_outputs`: two logits per token.
+    QuestionAnswering(Linear),
+    /// `cls.predictions` on every token.
+    MaskedLm(LmPredictionHead),
+    /// `classifier` to one score on the pooled output.
+    MultipleChoice(Linear),
+    /// `cls.seq_relationship` to two logits on the pooled output.
+    NextSentencePrediction(Linear),
+}
+
+/// Whether transformers builds `task`'s base model with its pooler.
+fn uses_pooler(task: EncoderTask) -> bool {
+    matches!(
+        task,
+        EncoderTask::FeatureExtraction
+            | EncoderTask::SequenceClassification
+            | EncoderTask::MultipleChoice
+            | EncoderTask::NextSentencePrediction
+    )
+}
+
+/// A BERT-family body under one head: the [`EncoderModel`] the engine serves.
+pub struct EncoderWithHead<B> {
+    body: B,
+    pooler: Option<Pooler>,
+    head: Head,
+    task: EncoderTask,
+    labels: Option<Labels>,
+    dtype: DType,
+    device: Device,
+}
+
+/// How to build the pooler and the masked-LM decoder of a model: the parts of a head that
+/// differ between BERT-family models.
+pub struct HeadParts<P, M> {
+    /// Builds the pooler; only called for heads that use one.
+    pub pooler: P,
+    /// Builds `cls.predictions`; only called for the masked-LM head.
+    pub masked_lm: M,
+}
+
+impl<B: EncoderBody> EncoderWithHead<B> {
+    /// Puts `task`'s head (weights from `vb`, the checkpoint's root) on `body`. `labels` are
+    /// config.json's; they size the classification heads, and question answering needs exactly
+    /// two.
+    pub fn load<P, M>(
+        vb: &VarBuilder,
+        body: B,
+        task: EncoderTask,
+        labels: Labels,
+        parts: HeadParts<P, M>,
+    ) -> Result<Self>
+    where
+        P: FnOnce() -> Result<Option<Pooler>>,
+        M: FnOnce() -> Result<LmPredictionHead>,
+    {
+        let hidden = body.hidden_size();
+        let linear = |name: &str, out: usize| Linear::load(vb.pp(name), hidden, out, true);
+        let pooler = if uses_pooler(task) {
+            match (parts.pooler)()? {
+                Some(pooler) => Some(pooler),
+                None if task == EncoderTask::FeatureExtraction => None,
+                None => {
+                    return Err(EngineError::UnsupportedConfig(format!(
+                        "the {} head needs the pooler, and the checkpoint has none",
+                        task.name()
+                    )))
+                }
+            }
+        } else {
+            None
+        };
+        let mut kept_labels = None;
+        let head = match task {
+            EncoderTask::FeatureExtraction => Head::Base,
+            EncoderTask::SequenceClassification => {
+                let head = Head::SequenceClassification(linear("classifier", labels.names.len())?);
+                kept_labels = Some(labels);
+                head
+            }
+            EncoderTask::TokenClassification => {
+                let head = Head::TokenClassification(linear("classifier", labels.names.len())?);
+                kept_labels = Some(labels);
+                head
+            }
+            EncoderTask::QuestionAnswering => {
+                if labels.names.len() != 2 {
+                    return Err(EngineError::UnsupportedConfig(format!(
+                        "question answering needs num_labels = 2 (start and end), got {}",
+                        labels.names.len()
+                    )));
+                }
+                Head::QuestionAnswering(linear("qa_outputs", 2)?)
+            }
+            EncoderTask::MaskedLm => Head::MaskedLm((parts.masked_lm)()?),
+            EncoderTask::MultipleChoice => Head::MultipleChoice(linear("classifier", 1)?),
+            EncoderTask::NextSentencePrediction => {
+                Head::NextSentencePrediction(linear("cls.seq_relationship", 2)?)
+            }
+        };
+        Ok(Self {
+            body,
+            pooler,
+            head,
+            task,
+            labels: kept_labels,
+            dtype: vb.dtype(),
+            device: vb.device().clone(),
+        })
+    }
+
+    /// The pooled output `[batch, hidden]`.
+    fn pooled(&self, hidden: &Tensor) -> Result<Tensor> {
+        match &self.pooler {
+            Some(pooler) => pooler.forward(hidden),
+            None => Err(EngineError::InvalidRequest(format!(
+                "the {} head has no pooler",
+                self.task.name()
+            ))),
+        }
+    }
+}
+
+/// `[rows, n]` as f32 rows.
+fn rows_f32(x: &Tensor) -> Result<Vec<Vec<f32>>> {
+    Ok(x.to_dtype(DType::F32)?.to_vec2()?)
+}
+
+impl<B: EncoderBody> EncoderModel for EncoderWithHead<B> {
+    fn task(&self) -> EncoderTask {
+        self.task
+    }
+
+    fn labels(&self) -> Option<&Labels> {
+        self.labels.as_ref()
+    }
+
+    fn max_positions(&self) -> usize {
+        self.body.limits().max_positions
+    }
+
+    fn hidden_size(&self) -> usize {
+        self.body.hidden_size()
+    }
+
+    fn forward(&self, inputs: &[EncoderInput]) -> Result<EncoderOutput> {
+        if inputs.is_empty() {
+            return Ok(empty_output(&self.head));
+        }
+        let batch = PaddedBatch::new(inputs, &self.body.limits(), self.dtype, &self.device)?;
+        let hidden = self.body.forward(&batch)?;
+        // Token-level heads run on the real tokens only: padding costs nothing in the head (the
+        // masked-LM decoder is the largest matmul of a small model).
+        Ok(match &self.head {
+            Head::Base => EncoderOutput::Hidden {
+                last: batch.split_by_sequence(rows_f32(&batch.real_rows(&hidden)?)?),
+                pooled: match &self.pooler {
+                    Some(pooler) => Some(rows_f32(&pooler.forward(&hidden)?)?),
+                    None => None,
+                },
+            },
+            Head::SequenceClassification(classifier)
+            | Head::MultipleChoice(classifier)
+            | Head::NextSentencePrediction(classifier) => {
+                EncoderOutput::Sequences(rows_f32(&classifier.forward(&self.pooled(&hidden)?)?)?)
+            }
+            Head::TokenClassification(classifier) => EncoderOutput::Tokens(
+                batch
+                    .split_by_sequence(rows_f32(&classifier.forward(&batch.real_rows(&hidden)?)?)?),
+            ),
+            Head::MaskedLm(lm_head) => EncoderOutput::Tokens(
+                batch.split_by_sequence(rows_f32(&lm_head.forward(&batch.real_rows(&hidden)?)?)?),
+            ),
+            Head::QuestionAnswering(qa_outputs) => {
+                let logits = qa_outputs.forward(&batch.real_rows(&hidden)?)?;
+                let column = |i: usize| -> Result<Vec<Vec<f32>>> {
+                    let values: Vec<f32> = logits
+                        .narrow(D::Minus1, i, 1)?
+                        .squeeze(D::Minus1)?
+                        .to_dtype(DType::F32)?
+                        .to_vec1()?;
+                    Ok(batch.split_by_sequence(values))
+                };
+                EncoderOutput::Spans {
+                    start: column(0)?,
+                    end: column(1)?,
+                }
+            }
+        })
+    }
+}
+
+fn empty_output(head: &Head) -> EncoderOutput {
+    match head {
+        Head::Base => EncoderOutput::Hidden {
+            last: Vec::new(),
+            pooled: None,
+        },
+        Head::SequenceClassification(_)
+        | Head::MultipleChoice(_)
+        | Head::NextSentencePrediction(_) => EncoderOutput::Sequences(Vec::new()),
+        Head::TokenClassification(_) | Head::MaskedLm(_) => EncoderOutput::Tokens(Vec::new()),
+        Head::QuestionAnswering(_) => EncoderOutput::Spans {
+            start: Vec::new(),
+            end: Vec::new(),
+        },
+    }
+}

@@ -1,0 +1,591 @@
+//! MobileBERT and MegatronBERT against transformers 4.37.2, on every fixture that
+//! tests/fixtures/make_encoder_fixtures.py wrote under tests/fixtures/encoders/<variant>/<head>/.
+//!
+//! Each fixture's reference.safetensors holds a right-padded batch (input_ids, attention_mask,
+//! token_type_ids; `[batch, choices, len]` for multiple choice) and the head's outputs for it,
+//! and a second batch of text pairs under `pair_`-prefixed names for some heads. We unpad every
+//! row by its attention mask, run all rows in one forward, and compare every output at every
+//! unmasked position: |ours - transformers| <= 1e-4. Every row is also run alone and must give
+//! what it gave in the batch (|difference| <= 1e-5), and every fixture directory must be
+//! checked: a new fixture cannot go untested, and an output the test does not know fails it.
+//!
+//! One deviation from transformers is deliberate. With MobileBERT's `trigram_input`, each token
+//! reads its right neighbour's embedding, and in transformers a padded sequence's last token
+//! reads the embedding of the `[PAD]` after it, so its outputs change with the batch it is padded
+//! in (by up to 0.5 on these fixtures). We give every sequence the result it has alone, as the
+//! pipelines (one sequence per forward) do. For such rows the batch reference is not the
+//! sequence's own result: they are compared with `alone_`-prefixed references (each row run
+//! alone by transformers) when the fixture has them, and otherwise with our own run alone only,
+//! which the summary counts.
+//!
+//! The causal-LM fixture (MegatronBertForCausalLM) is checked through the Generator: logits of
+//! the batch at every real position, and greedy generations alone and batched.
+//!
+//! CANDLEWICK_ENCODER_FIXTURES points the test at another fixtures tree.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use candlewick_engine::{
+    load_encoder, load_generator, EncoderInput, EncoderModel, EncoderOutput, EncoderTask,
+    GeneratorConfig, LoadOptions, LoadedGenerator, LogitsMode, ModelSource, StepRow,
+};
+use serde::Deserialize;
+
+/// Largest absolute difference allowed between our f32 outputs and transformers'.
+const TOLERANCE: f32 = 1e-4;
+/// Largest absolute difference allowed between a row run in a batch and the row run alone.
+const BATCH_INVARIANCE_TOLERANCE: f32 = 1e-5;
+/// The reference's input tensors; every other tensor is an output the test must compare.
+const INPUTS: [&str; 3] = ["input_ids", "attention_mask", "token_type_ids"];
+
+fn fixtures_root() -> PathBuf {
+    match std::env::var_os("CANDLEWICK_ENCODER_FIXTURES") {
+        Some(root) => PathBuf::from(root),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/encoders"),
+    }
+}
+
+/// Every `<variant>/<head>` directory under the root, sorted.
+fn fixture_dirs(root: &Path) -> Vec<PathBuf> {
+    let mut dirs = Vec::new();
+    for variant in std::fs::read_dir(root).expect("the encoder fixtures directory") {
+        let variant = variant.unwrap().path();
+        if !variant.is_dir() || is_hidden(&variant) {
+            continue;
+        }
+        for head in std::fs::read_dir(&variant).unwrap() {
+            let head = head.unwrap().path();
+            if head.is_dir() && !is_hidden(&head) {
+                dirs.push(head);
+            }
+        }
+    }
+    dirs.sort();
+    dirs
+}
+
+fn is_hidden(path: &Path) -> bool {
+    path.file_name()
+        .and_then(|name| name.to_str())
+        .is_some_and(|name| name.starts_with('.'))
+}
+
+fn fixture_name(dir: &Path) -> String {
+    let parts: Vec<_> = dir.iter().rev().take(2).collect();
+    format!(
+        "{}/{}",
+        parts[1].to_string_lossy(),
+        parts[0].to_string_lossy()
+    )
+}
+
+fn config(dir: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap()
+}
+
+fn architecture(config: &serde_json::Value) -> String {
+    config["architectures"][0].as_str().unwrap().to_string()
+}
+
+/// Whether transformers' result for a padded row depends on the padding (see the module doc).
+fn padding_leaks_into_real_tokens(config: &serde_json::Value) -> bool {
+    config["model_type"] == "mobilebert"
+        && config
+            .get("trigram_input")
+            .and_then(serde_json::Value::as_bool)
+            .unwrap_or(true)
+}
+
+/// One output of one fixture group compared with transformers.
+struct Comparison {
+    name: String,
+    largest: f32,
+    values: usize,
+}
+
+/// What a fixture's check found.
+#[derive(Default)]
+struct Report {
+    comparisons: Vec<Comparison>,
+    /// Largest |batch - alone| over every row and output.
+    batch_invariance: f32,
+    /// Rows compared with our own run alone only (padded trigram rows without an `alone_`
+    /// reference).
+    rows_checked_alone_only: usize,
+    rows: usize,
+}
+
+/// Compares `actual` with `expected` element by element, failing at the first difference over
+/// `tolerance` with its place and both values. Returns the largest difference.
+fn compare(what: &str, expected: &[f32], actual: &[f32], tolerance: f32) -> Result<f32, String> {
+    if expected.len() != actual.len() {
+        return Err(format!(
+            "{what}: {} values expected, {} produced",
+            expected.len(),
+            actual.len()
+        ));
+    }
+    let mut largest = 0f32;
+    for (i, (&e, &a)) in expected.iter().zip(actual).enumerate() {
+        let diff = (e - a).abs();
+        // NaN fails too.
+        if diff > tolerance || diff.is_nan() {
+            return Err(format!(
+                "{what}: first difference over {tolerance:e} at index {i}: ours {a}, expected {e}"
+            ));
+        }
+        largest = largest.max(diff);
+    }
+    Ok(largest)
+}
+
+/// A reference tensor as f32 values, `[rows, ...]` flattened per row.
+fn rows_of(tensor: &Tensor) -> Vec<Vec<f32>> {
+    let rows = tensor.dim(0).unwrap();
+    (0..rows)
+        .map(|r| {
+            tensor
+                .get(r)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        })
+        .collect()
+}
+
+fn ids_rows(tensor: &Tensor) -> Vec<Vec<u32>> {
+    let dims = tensor.dims().to_vec();
+    let len = *dims.last().unwrap();
+    let values: Vec<i64> = tensor.flatten_all().unwrap().to_vec1().unwrap();
+    values
+        .chunks(len)
+        .map(|row| row.iter().map(|&v| v as u32).collect())
+        .collect()
+}
+
+/// One output of one row, flattened, with the real positions of per-token outputs only.
+fn output_of_row(output: &EncoderOutput, key: &str, row: usize) -> Result<Vec<f32>, String> {
+    let flat = |rows: &[Vec<f32>]| rows.concat();
+    match (output, key) {
+        (EncoderOutput::Sequences(rows), "logits") => Ok(rows[row].clone()),
+        (EncoderOutput::Tokens(rows), "logits") => Ok(flat(&rows[row])),
+        (EncoderOutput::Spans { start, .. }, "start_logits") => Ok(start[row].clone()),
+        (EncoderOutput::Spans { end, .. }, "end_logits") => Ok(end[row].clone()),
+        (EncoderOutput::Hidden { last, .. }, "last_hidden_state") => Ok(flat(&last[row])),
+        (EncoderOutput::Hidden { last, .. }, "mean_pooled") => {
+            let tokens = &last[row];
+            let mut mean = vec![0f32; tokens[0].len()];
+            for token in tokens {
+                for (m, v) in mean.iter_mut().zip(token) {
+                    *m += v;
+                }
+            }
+            Ok(mean.iter().map(|m| m / tokens.len() as f32).collect())
+        }
+        (
+            EncoderOutput::Hidden {
+                pooled: Some(pooled),
+                ..
+            },
+            "pooler_output",
+        ) => Ok(pooled[row].clone()),
+        _ => Err(format!("the model produces no {key:?}")),
+    }
+}
+
+/// The reference of one output for one row at its real positions: `[len, ...]` outputs are cut
+/// to the row's length; multiple-choice logits `[batch, choices]` give one value per row.
+fn expected_of_row(
+    reference: &Tensor,
+    row: usize,
+    len: usize,
+    per_token: bool,
+    multiple_choice: bool,
+) -> Vec<f32> {
+    if multiple_choice {
+        let flat: Vec<f32> = reference.flatten_all().unwrap().to_vec1().unwrap();
+        return vec![flat[row]];
+    }
+    let row_tensor = reference.get(row).unwrap();
+    let row_tensor = if per_token {
+        row_tensor.narrow(0, 0, len).unwrap()
+    } else {
+        row_tensor
+    };
+    row_tensor.flatten_all().unwrap().to_vec1().unwrap()
+}
+
+fn is_per_token(key: &str, task: EncoderTask) -> bool {
+    match key {
+        "last_hidden_state" | "start_logits" | "end_logits" => true,
+        "logits" => matches!(
+            task,
+            EncoderTask::TokenClassification | EncoderTask::MaskedLm
+        ),
+        _ => false,
+    }
+}
+
+fn check_encoder(dir: &Path) -> Result<Report, String> {
+    let name = fixture_name(dir);
+    let config = config(dir);
+    let leaky = padding_leaks_into_real_tokens(&config);
+    let loaded = load_encoder(
+        &ModelSource::Dir(dir.to_path_buf()),
+        &LoadOptions::default(),
+    )
+    .map_err(|e| format!("{name}: loading: {e}"))?;
+    let model = loaded.model;
+    let task = model.task();
+    let reference = candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu)
+        .map_err(|e| format!("{name}: reading reference.safetensors: {e}"))?;
+    let mut unchecked: BTreeSet<&String> = reference.keys().collect();
+    let mut report = Report::default();
+    for group in ["", "pair_"] {
+        let Some(input_ids) = reference.get(&format!("{group}input_ids")) else {
+            continue;
+        };
+        let multiple_choice = input_ids.rank() == 3;
+        let mask = &reference[&format!("{group}attention_mask")];
+        let ids = ids_rows(input_ids);
+        let masks = ids_rows(mask);
+        let types = match reference.get(&format!("{group}token_type_ids")) {
+            Some(types) => ids_rows(types),
+            None => masks.iter().map(|m| vec![0; m.len()]).collect(),
+        };
+        for input in INPUTS {
+            unchecked.remove(&format!("{group}{input}"));
+        }
+        let width = ids[0].len();
+        let inputs: Vec<EncoderInput> = ids
+            .iter()
+            .zip(&masks)
+            .zip(&types)
+            .map(|((ids, mask), types)| {
+                let len = mask.iter().filter(|&&m| m == 1).count();
+                assert!(
+                    mask[..len].iter().all(|&m| m == 1),
+                    "{name}: rows must be right-padded"
+                );
+                EncoderInput {
+                    ids: ids[..len].to_vec(),
+                    type_ids: types[..len].to_vec(),
+                }
+            })
+            .collect();
+        let output = model
+            .forward(&inputs)
+            .map_err(|e| format!("{name}: forward: {e}"))?;
+        let alone: Vec<EncoderOutput> = inputs
+            .iter()
+            .map(|input| model.forward(std::slice::from_ref(input)))
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("{name}: forward alone: {e}"))?;
+        report.rows += inputs.len();
+
+        let outputs: Vec<&String> = reference
+            .keys()
+            .filter(|key| key.starts_with(group) && !key.starts_with("alone_"))
+            .filter(|key| {
+                let key = &key[group.len()..];
+                let other_group = group.is_empty() && key.starts_with("pair_");
+                !INPUTS.contains(&key) && !other_group
+            })
+            .collect();
+        for full_key in outputs {
+            let key = &full_key[group.len()..];
+            let what = format!("{name}: {full_key}");
+            let expected = &reference[full_key];
+            let alone_reference = reference.get(&format!("alone_{full_key}"));
+            let per_token = is_per_token(key, task);
+            let mut largest = 0f32;
+            let mut values = 0;
+            for (row, input) in inputs.iter().enumerate() {
+                let len = input.ids.len();
+                let actual =
+                    output_of_row(&output, key, row).map_err(|e| format!("{what}: {e}"))?;
+                let alone_actual =
+                    output_of_row(&alone[row], key, 0).map_err(|e| format!("{what}: {e}"))?;
+                report.batch_invariance = report.batch_invariance.max(compare(
+                    &format!("{what}, row {row} in the batch vs alone"),
+                    &alone_actual,
+                    &actual,
+                    BATCH_INVARIANCE_TOLERANCE,
+                )?);
+                let padded = len < width;
+                let expected_row = if leaky && padded {
+                    match alone_reference {
+                        Some(alone_reference) => {
+                            expected_of_row(alone_reference, row, len, per_token, multiple_choice)
+                        }
+                        None => {
+                            report.rows_checked_alone_only += 1;
+                            continue;
+                        }
+                    }
+                } else {
+                    expected_of_row(expected, row, len, per_token, multiple_choice)
+                };
+                largest = largest.max(compare(
+                    &format!("{what}, row {row}"),
+                    &expected_row,
+                    &actual,
+                    TOLERANCE,
+                )?);
+                values += expected_row.len();
+            }
+            unchecked.remove(full_key);
+            unchecked.remove(&format!("alone_{full_key}"));
+            report.comparisons.push(Comparison {
+                name: full_key.clone(),
+                largest,
+                values,
+            });
+        }
+    }
+    if !unchecked.is_empty() {
+        return Err(format!(
+            "{name}: reference tensors the test does not compare: {unchecked:?}"
+        ));
+    }
+    if report.comparisons.is_empty() {
+        return Err(format!("{name}: no outputs compared"));
+    }
+    Ok(report)
+}
+
+#[derive(Deserialize)]
+struct Generation {
+    prompt_ids: Vec<u32>,
+    generated_ids: Vec<u32>,
+}
+
+fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in logits.iter().enumerate() {
+        if v > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Greedy generation of exactly `new_tokens` tokens for all `prompts` together.
+fn greedy(loaded: &mut LoadedGenerator, prompts: &[Vec<u32>], new_tokens: usize) -> Vec<Vec<u32>> {
+    let generator = &mut loaded.generator;
+    let slots: Vec<usize> = prompts
+        .iter()
+        .map(|_| generator.allocate().unwrap())
+        .collect();
+    let rows: Vec<StepRow> = slots
+        .iter()
+        .zip(prompts)
+        .map(|(&slot, tokens)| StepRow { slot, tokens })
+        .collect();
+    let mut logits = generator.prefill(&rows).unwrap();
+    let mut outputs = vec![Vec::new(); prompts.len()];
+    loop {
+        let tokens: Vec<u32> = logits.iter().map(|row| argmax(row)).collect();
+        for (output, &token) in outputs.iter_mut().zip(&tokens) {
+            output.push(token);
+        }
+        if outputs[0].len() == new_tokens {
+            break;
+        }
+        let next: Vec<(usize, u32)> = slots.iter().copied().zip(tokens).collect();
+        logits = generator.decode(&next).unwrap();
+    }
+    for slot in slots {
+        generator.release(slot);
+    }
+    outputs
+}
+
+fn check_causal_lm(dir: &Path) -> Result<Report, String> {
+    let name = fixture_name(dir);
+    let options = LoadOptions {
+        generator: GeneratorConfig {
+            max_sequences: 4,
+            max_context: None,
+            prefill_chunk: 512,
+        },
+        ..LoadOptions::default()
+    };
+    let mut loaded = load_generator(&ModelSource::Dir(dir.to_path_buf()), &options)
+        .map_err(|e| format!("{name}: loading: {e}"))?;
+    let reference = candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu)
+        .map_err(|e| format!("{name}: reading reference.safetensors: {e}"))?;
+    let known: BTreeSet<&str> = ["input_ids", "attention_mask", "logits"].into();
+    let unknown: Vec<&String> = reference
+        .keys()
+        .filter(|key| !known.contains(key.as_str()))
+        .collect();
+    if !unknown.is_empty() {
+        return Err(format!(
+            "{name}: reference tensors the test does not compare: {unknown:?}"
+        ));
+    }
+    let masks = ids_rows(&reference["attention_mask"]);
+    let prompts: Vec<Vec<u32>> = ids_rows(&reference["input_ids"])
+        .into_iter()
+        .zip(&masks)
+        .map(|(ids, mask)| {
+            let len = mask.iter().filter(|&&m| m == 1).count();
+            ids[..len].to_vec()
+        })
+        .collect();
+    let expected = rows_of(&reference["logits"]);
+    let generator = &mut loaded.generator;
+    let slots: Vec<usize> = prompts
+        .iter()
+        .map(|_| generator.allocate().unwrap())
+        .collect();
+    let rows: Vec<StepRow> = slots
+        .iter()
+        .zip(&prompts)
+        .map(|(&slot, tokens)| StepRow { slot, tokens })
+        .collect();
+    // The Generator pads on the left: a row's real tokens are its last columns.
+    let logits = generator
+        .step(&rows, LogitsMode::All)
+        .map_err(|e| format!("{name}: step: {e}"))?;
+    let seq = logits.dim(1).unwrap();
+    let vocab = generator.vocab_size();
+    let mut largest = 0f32;
+    let mut values = 0;
+    for (row, prompt) in prompts.iter().enumerate() {
+        let ours: Vec<Vec<f32>> = logits.get(row).unwrap().to_vec2().unwrap();
+        let ours = ours[seq - prompt.len()..].concat();
+        let theirs = &expected[row][..prompt.len() * vocab];
+        largest = largest.max(compare(
+            &format!("{name}: logits, row {row}"),
+            theirs,
+            &ours,
+            TOLERANCE,
+        )?);
+        values += theirs.len();
+    }
+    for slot in slots {
+        generator.release(slot);
+    }
+
+    let generations: Vec<Generation> =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("generations.json")).unwrap())
+            .unwrap();
+    let prompts: Vec<Vec<u32>> = generations.iter().map(|g| g.prompt_ids.clone()).collect();
+    let new_tokens = generations[0].generated_ids.len();
+    let batched = greedy(&mut loaded, &prompts, new_tokens);
+    for (i, generation) in generations.iter().enumerate() {
+        let alone = greedy(&mut loaded, std::slice::from_ref(&prompts[i]), new_tokens);
+        if alone[0] != generation.generated_ids || batched[i] != generation.generated_ids {
+            return Err(format!(
+                "{name}: greedy tokens of prompt {i}: transformers {:?}, ours alone {:?}, ours batched {:?}",
+                generation.generated_ids, alone[0], batched[i]
+            ));
+        }
+    }
+    Ok(Report {
+        comparisons: vec![
+            Comparison {
+                name: "logits".into(),
+                largest,
+                values,
+            },
+            Comparison {
+                name: format!("greedy tokens ({} prompts x {new_tokens})", prompts.len()),
+                largest: 0.0,
+                values: prompts.len() * new_tokens,
+            },
+        ],
+        rows: prompts.len(),
+        ..Report::default()
+    })
+}
+
+#[test]
+fn every_encoder_fixture_matches_transformers_at_every_unmasked_position() {
+    let root = fixtures_root();
+    let dirs = fixture_dirs(&root);
+    assert!(!dirs.is_empty(), "no fixtures under {}", root.display());
+    let mut failures = Vec::new();
+    let mut alone_only = 0;
+    for dir in &dirs {
+        let name = fixture_name(dir);
+        let architecture = architecture(&config(dir));
+        let result = if architecture.ends_with("ForCausalLM") {
+            check_causal_lm(dir)
+        } else {
+            check_encoder(dir)
+        };
+        match result {
+            Ok(report) => {
+                for comparison in &report.comparisons {
+                    eprintln!(
+                        "{name:<46} {:<28} max |diff| {:.2e} over {} values",
+                        comparison.name, comparison.largest, comparison.values
+                    );
+                }
+                eprintln!(
+                    "{name:<46} {:<28} max |diff| {:.2e} over {} rows{}",
+                    "batch vs alone",
+                    report.batch_invariance,
+                    report.rows,
+                    if report.rows_checked_alone_only > 0 {
+                        format!(
+                            " ({} padded trigram row-outputs checked against our run alone only)",
+                            report.rows_checked_alone_only
+                        )
+                    } else {
+                        String::new()
+                    }
+                );
+                alone_only += report.rows_checked_alone_only;
+            }
+            Err(failure) => failures.push(failure),
+        }
+    }
+    eprintln!(
+        "{} fixtures checked; {alone_only} padded trigram row-outputs had no alone_ reference",
+        dirs.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "{} of {} fixtures failed:\n{}",
+        failures.len(),
+        dirs.len(),
+        failures.join("\n")
+    );
+}
+
+/// The models reject what they cannot run instead of failing inside a tensor operation.
+#[test]
+fn out_of_range_inputs_are_refused_with_the_limit() {
+    let dir = fixtures_root().join("mobilebert-nonorm-trigram/sequence-classification");
+    let loaded = load_encoder(&ModelSource::Dir(dir), &LoadOptions::default()).unwrap();
+    let model: &dyn EncoderModel = loaded.model.as_ref();
+    let too_long = EncoderInput {
+        ids: vec![1; model.max_positions() + 1],
+        type_ids: vec![0; model.max_positions() + 1],
+    };
+    let error = model.forward(&[too_long]).unwrap_err().to_string();
+    assert!(
+        error.contains(&model.max_positions().to_string()),
+        "{error}"
+    );
+    let bad_token = EncoderInput {
+        ids: vec![1, 100_000],
+        type_ids: vec![0, 0],
+    };
+    let error = model.forward(&[bad_token]).unwrap_err().to_string();
+    assert!(error.contains("100000"), "{error}");
+    assert_eq!(
+        model.labels().unwrap().names,
+        ["negative", "neutral", "positive"]
+    );
+    let empty = model.forward(&[]).unwrap();
+    assert_eq!(empty, EncoderOutput::Sequences(vec![]));
+}
