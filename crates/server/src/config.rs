@@ -9,6 +9,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::routes::RouterOptions;
+use crate::state::Pooling;
 
 /// Why the settings cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -87,6 +88,14 @@ pub struct ServeArgs {
     /// [env: CANDLEWICK_MAX_TOTAL_TOKENS]
     #[arg(long)]
     pub max_total_tokens: Option<usize>,
+    /// Encoders: tokens over all sequences of one request; default 65536
+    /// [env: CANDLEWICK_MAX_REQUEST_TOKENS]
+    #[arg(long)]
+    pub max_request_tokens: Option<usize>,
+    /// Encoders: how /v1/embeddings pools hidden states: mean, cls or pooler; default mean
+    /// [env: CANDLEWICK_POOLING]
+    #[arg(long)]
+    pub pooling: Option<String>,
     /// Larger request bodies get 413; default 2097152 [env: CANDLEWICK_MAX_BODY_BYTES]
     #[arg(long)]
     pub max_body_bytes: Option<usize>,
@@ -118,6 +127,8 @@ pub struct PartialSettings {
     pub max_batch_tokens: Option<usize>,
     pub max_input_tokens: Option<usize>,
     pub max_total_tokens: Option<usize>,
+    pub max_request_tokens: Option<usize>,
+    pub pooling: Option<String>,
 }
 
 /// The config file: the same settings in three tables.
@@ -150,6 +161,7 @@ struct ModelTable {
     served_model_name: Option<String>,
     device: Option<String>,
     dtype: Option<String>,
+    pooling: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -160,6 +172,7 @@ struct LimitsTable {
     max_batch_tokens: Option<usize>,
     max_input_tokens: Option<usize>,
     max_total_tokens: Option<usize>,
+    max_request_tokens: Option<usize>,
 }
 
 impl PartialSettings {
@@ -186,6 +199,8 @@ impl PartialSettings {
             max_batch_tokens: limits.max_batch_tokens,
             max_input_tokens: limits.max_input_tokens,
             max_total_tokens: limits.max_total_tokens,
+            max_request_tokens: limits.max_request_tokens,
+            pooling: model.pooling,
         })
     }
 
@@ -224,6 +239,11 @@ impl PartialSettings {
                 "CANDLEWICK_MAX_TOTAL_TOKENS",
                 text("CANDLEWICK_MAX_TOTAL_TOKENS"),
             )?,
+            max_request_tokens: parse_env(
+                "CANDLEWICK_MAX_REQUEST_TOKENS",
+                text("CANDLEWICK_MAX_REQUEST_TOKENS"),
+            )?,
+            pooling: text("CANDLEWICK_POOLING"),
         })
     }
 
@@ -246,6 +266,8 @@ impl PartialSettings {
             max_batch_tokens: args.max_batch_tokens,
             max_input_tokens: args.max_input_tokens,
             max_total_tokens: args.max_total_tokens,
+            max_request_tokens: args.max_request_tokens,
+            pooling: args.pooling,
         }
     }
 
@@ -267,6 +289,8 @@ impl PartialSettings {
             max_batch_tokens: self.max_batch_tokens.or(lower.max_batch_tokens),
             max_input_tokens: self.max_input_tokens.or(lower.max_input_tokens),
             max_total_tokens: self.max_total_tokens.or(lower.max_total_tokens),
+            max_request_tokens: self.max_request_tokens.or(lower.max_request_tokens),
+            pooling: self.pooling.or(lower.pooling),
         }
     }
 }
@@ -310,6 +334,10 @@ pub struct Settings {
     pub max_input_tokens: Option<usize>,
     /// None: the model's context.
     pub max_total_tokens: Option<usize>,
+    /// Encoders: tokens over all sequences of one request.
+    pub max_request_tokens: usize,
+    /// Encoders: how embeddings are pooled.
+    pub pooling: Pooling,
 }
 
 impl Settings {
@@ -359,12 +387,22 @@ impl Settings {
             max_batch_tokens: partial.max_batch_tokens.unwrap_or(2048),
             max_input_tokens: partial.max_input_tokens,
             max_total_tokens: partial.max_total_tokens,
+            max_request_tokens: partial.max_request_tokens.unwrap_or(65536),
+            pooling: match partial.pooling.as_deref() {
+                None => Pooling::default(),
+                Some(name) => Pooling::parse(name).ok_or_else(|| {
+                    ConfigError::InvalidLimit(format!(
+                        "pooling must be mean, cls or pooler, got {name:?}"
+                    ))
+                })?,
+            },
         };
         for (name, value) in [
             ("max_running", settings.max_running),
             ("max_waiting", settings.max_waiting),
             ("max_batch_tokens", settings.max_batch_tokens),
             ("max_body_bytes", settings.max_body_bytes),
+            ("max_request_tokens", settings.max_request_tokens),
         ] {
             if value == 0 {
                 return Err(ConfigError::InvalidLimit(format!(

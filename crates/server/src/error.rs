@@ -34,6 +34,21 @@ pub enum ApiError {
     #[error("{0}")]
     Unauthorized(&'static str),
 
+    /// The served model's head does another task than the route's.
+    #[error(
+        "the model `{model}` ({architecture}) does {task}; this route needs a model for {wanted}"
+    )]
+    WrongTask {
+        /// The served model's name.
+        model: String,
+        /// Its architecture.
+        architecture: String,
+        /// What it does.
+        task: &'static str,
+        /// What the route needs.
+        wanted: &'static str,
+    },
+
     /// The body is larger than the configured limit.
     #[error("the request body is larger than the limit of {limit} bytes")]
     BodyTooLarge {
@@ -111,7 +126,9 @@ impl ApiError {
     /// The HTTP status.
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::MalformedRequest(_) | Self::InvalidParameter { .. } => StatusCode::BAD_REQUEST,
+            Self::MalformedRequest(_) | Self::InvalidParameter { .. } | Self::WrongTask { .. } => {
+                StatusCode::BAD_REQUEST
+            }
             Self::ModelNotFound(_) | Self::RouteNotFound(_) => StatusCode::NOT_FOUND,
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -146,7 +163,7 @@ impl ApiError {
     pub fn param(&self) -> Option<&'static str> {
         match self {
             Self::InvalidParameter { param, .. } => Some(param),
-            Self::ModelNotFound(_) => Some("model"),
+            Self::ModelNotFound(_) | Self::WrongTask { .. } => Some("model"),
             Self::Scheduler {
                 source,
                 prompt_param,
@@ -173,6 +190,7 @@ impl ApiError {
     pub fn code(&self) -> Option<&'static str> {
         match self {
             Self::ModelNotFound(_) => Some("model_not_found"),
+            Self::WrongTask { .. } => Some("unsupported_task"),
             Self::Unauthorized(_) => Some("invalid_api_key"),
             Self::BodyTooLarge { .. } => Some("request_too_large"),
             Self::Timeout(_) => Some("timeout"),

@@ -5,8 +5,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use candlewick_engine::{load_generator, GeneratorConfig, LoadOptions};
-use candlewick_scheduler::SchedulerConfig;
+use candle_core::{DType, Device};
+use candlewick_engine::{
+    load_encoder, load_generator, models, GeneratorConfig, LoadOptions, ModelFiles, ModelSource,
+};
+use candlewick_scheduler::{EncoderConfig, SchedulerConfig};
 use candlewick_server::config::{ServeArgs, Settings};
 use candlewick_server::routes;
 use candlewick_server::state::AppState;
@@ -24,45 +27,20 @@ pub fn run(args: ServeArgs) -> Result<()> {
         dtype: settings.dtype.clone(),
     };
     let source = model.source()?;
-    let options = LoadOptions {
-        device: model.device()?,
-        dtype: model.dtype()?,
-        generator: GeneratorConfig {
-            max_sequences: settings.max_running,
-            ..GeneratorConfig::default()
-        },
-    };
-    // Loading is blocking work: it happens before the async runtime exists.
-    let loaded = load_generator(&source, &options)
-        .with_context(|| format!("loading {}", source.display_name()))?;
-    let max_context = loaded.generator.cache().max_context();
-    let (max_input_tokens, max_total_tokens) = settings.token_limits(max_context)?;
+    let device = model.device()?;
+    let dtype = model.dtype()?;
     let model_name = settings
         .served_model_name
         .clone()
         .unwrap_or_else(|| source.display_name());
-    tracing::info!(
-        model = %source.display_name(),
-        served_as = %model_name,
-        architecture = %loaded.architecture,
-        max_context,
-        max_input_tokens,
-        max_total_tokens,
-        max_running = settings.max_running,
-        "model loaded"
-    );
+    // Loading is blocking work: it happens before the async runtime exists.
+    let state = if serves_encoder(&source)? {
+        load_encoder_state(&settings, &source, device, dtype, model_name)?
+    } else {
+        load_generator_state(&settings, &source, device, dtype, model_name)?
+    };
+    let state = Arc::new(state);
     let metrics = candlewick_server::metrics::prometheus();
-    let state = Arc::new(AppState::start(
-        model_name,
-        loaded,
-        SchedulerConfig {
-            max_waiting: settings.max_waiting,
-            max_batch_tokens: settings.max_batch_tokens,
-            max_input_tokens,
-            max_total_tokens,
-            request_timeout: settings.request_timeout,
-        },
-    )?);
     let router = routes::router(Arc::clone(&state), &settings.router_options())?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -93,6 +71,95 @@ pub fn run(args: ServeArgs) -> Result<()> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Whether config.json names an encoder (or a sequence classifier), served by the task routes,
+/// rather than a causal LM.
+fn serves_encoder(source: &ModelSource) -> Result<bool> {
+    let files = ModelFiles::resolve(source)?;
+    let config: serde_json::Value = models::parse_config(&files.config)?;
+    let architecture = models::architecture(&config).unwrap_or_default();
+    Ok(models::SUPPORTED_ENCODERS.contains(&architecture.as_str())
+        || models::SUPPORTED_CLASSIFIERS.contains(&architecture.as_str()))
+}
+
+fn load_generator_state(
+    settings: &Settings,
+    source: &ModelSource,
+    device: Device,
+    dtype: Option<DType>,
+    model_name: String,
+) -> Result<AppState> {
+    let options = LoadOptions {
+        device,
+        dtype,
+        generator: GeneratorConfig {
+            max_sequences: settings.max_running,
+            ..GeneratorConfig::default()
+        },
+    };
+    let loaded = load_generator(source, &options)
+        .with_context(|| format!("loading {}", source.display_name()))?;
+    let max_context = loaded.generator.cache().max_context();
+    let (max_input_tokens, max_total_tokens) = settings.token_limits(max_context)?;
+    tracing::info!(
+        model = %source.display_name(),
+        served_as = %model_name,
+        architecture = %loaded.architecture,
+        max_context,
+        max_input_tokens,
+        max_total_tokens,
+        max_running = settings.max_running,
+        "model loaded"
+    );
+    let config = SchedulerConfig {
+        max_waiting: settings.max_waiting,
+        max_batch_tokens: settings.max_batch_tokens,
+        max_input_tokens,
+        max_total_tokens,
+        request_timeout: settings.request_timeout,
+    };
+    Ok(AppState::start(model_name, loaded, config)?)
+}
+
+fn load_encoder_state(
+    settings: &Settings,
+    source: &ModelSource,
+    device: Device,
+    dtype: Option<DType>,
+    model_name: String,
+) -> Result<AppState> {
+    let options = LoadOptions {
+        device,
+        dtype,
+        ..LoadOptions::default()
+    };
+    let loaded = load_encoder(source, &options)
+        .with_context(|| format!("loading {}", source.display_name()))?;
+    let max_positions = loaded.model.max_positions();
+    let (max_input_tokens, _) = settings.token_limits(max_positions)?;
+    let task = loaded.model.task().name();
+    tracing::info!(
+        model = %source.display_name(),
+        served_as = %model_name,
+        architecture = %loaded.architecture,
+        task,
+        max_input_tokens,
+        max_batch_tokens = settings.max_batch_tokens,
+        "model loaded"
+    );
+    let config = EncoderConfig {
+        max_waiting: settings.max_waiting,
+        max_batch_tokens: settings.max_batch_tokens,
+        max_input_tokens,
+        max_request_tokens: settings.max_request_tokens,
+    };
+    Ok(AppState::start_encoder(
+        model_name,
+        loaded,
+        config,
+        settings.pooling,
+    )?)
 }
 
 /// Resolves on SIGINT (Ctrl-C) or SIGTERM.

@@ -1,14 +1,59 @@
-//! What every handler shares: the served model, its tokenizer and chat template, and the
-//! scheduler that runs it.
+//! What every handler shares: the served model, its tokenizer, and the scheduler that runs it:
+//! the continuous-batching generator for causal LMs, the dynamic batcher for encoders.
 
 use std::sync::Arc;
 
-use candlewick_engine::{LoadedGenerator, Tokenizer};
-use candlewick_scheduler::{Scheduler, SchedulerConfig, SchedulerError};
+use candlewick_engine::{LoadedEncoder, LoadedGenerator, Tokenizer};
+use candlewick_scheduler::{
+    EncoderConfig, EncoderScheduler, Scheduler, SchedulerConfig, SchedulerError,
+};
 
 use crate::chat_template::{ChatTemplate, ChatTemplateError};
 use crate::error::ApiError;
 use crate::generation::unix_now;
+
+/// How `/v1/embeddings` turns a sequence's hidden states into one vector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Pooling {
+    /// The mean over the sequence's tokens, special tokens included (sentence-transformers'
+    /// default).
+    #[default]
+    Mean,
+    /// The first token's hidden state (`[CLS]`).
+    Cls,
+    /// The model's pooler output (`tanh(dense(CLS))` for BERT-like models).
+    Pooler,
+}
+
+impl Pooling {
+    /// Parses `mean`, `cls` or `pooler`.
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "mean" => Some(Self::Mean),
+            "cls" => Some(Self::Cls),
+            "pooler" => Some(Self::Pooler),
+            _ => None,
+        }
+    }
+}
+
+/// The engine behind the routes.
+pub enum Engine {
+    /// A causal LM, for the completion routes.
+    Generator {
+        /// The engine thread's handle.
+        scheduler: Scheduler,
+        /// The compiled chat template, or why there is none.
+        chat_template: Result<ChatTemplate, ChatTemplateError>,
+    },
+    /// An encoder with one head, for the task routes.
+    Encoder {
+        /// The encoder thread's handle.
+        scheduler: EncoderScheduler,
+        /// How embeddings are pooled.
+        pooling: Pooling,
+    },
+}
 
 /// The served model.
 pub struct AppState {
@@ -16,11 +61,12 @@ pub struct AppState {
     pub model_name: String,
     /// When the model was loaded (Unix seconds), for `/v1/models`.
     pub created: u64,
-    /// The engine thread's handle.
-    pub scheduler: Scheduler,
     /// The tokenizer, shared with the scheduler.
     pub tokenizer: Arc<Tokenizer>,
-    chat_template: Result<ChatTemplate, ChatTemplateError>,
+    /// The architecture config.json names.
+    pub architecture: String,
+    /// The scheduler that runs the model.
+    pub engine: Engine,
 }
 
 impl AppState {
@@ -43,9 +89,29 @@ impl AppState {
         Ok(Self {
             model_name,
             created: unix_now(),
-            scheduler,
             tokenizer,
-            chat_template,
+            architecture: loaded.architecture,
+            engine: Engine::Generator {
+                scheduler,
+                chat_template,
+            },
+        })
+    }
+
+    /// Starts the encoder thread over `loaded`.
+    pub fn start_encoder(
+        model_name: String,
+        loaded: LoadedEncoder,
+        config: EncoderConfig,
+        pooling: Pooling,
+    ) -> Result<Self, SchedulerError> {
+        let scheduler = EncoderScheduler::start(loaded.model, config)?;
+        Ok(Self {
+            model_name,
+            created: unix_now(),
+            tokenizer: Arc::new(loaded.tokenizer),
+            architecture: loaded.architecture,
+            engine: Engine::Encoder { scheduler, pooling },
         })
     }
 
@@ -58,16 +124,73 @@ impl AppState {
         }
     }
 
+    /// What the served model does, as a pipeline task name.
+    pub fn task(&self) -> &'static str {
+        match &self.engine {
+            Engine::Generator { .. } => "text-generation",
+            Engine::Encoder { scheduler, .. } => scheduler.info().task.name(),
+        }
+    }
+
+    /// The generation scheduler, or a 400 naming what the served model does instead.
+    pub fn generator(&self) -> Result<&Scheduler, ApiError> {
+        match &self.engine {
+            Engine::Generator { scheduler, .. } => Ok(scheduler),
+            Engine::Encoder { .. } => Err(self.wrong_task("text-generation")),
+        }
+    }
+
+    /// The encoder scheduler if the served model's head does `task`, else a 400 naming the
+    /// model's task.
+    pub fn encoder(&self, task: &'static str) -> Result<&EncoderScheduler, ApiError> {
+        match &self.engine {
+            Engine::Encoder { scheduler, .. } if scheduler.info().task.name() == task => {
+                Ok(scheduler)
+            }
+            _ => Err(self.wrong_task(task)),
+        }
+    }
+
+    /// How embeddings are pooled; None for a generator.
+    pub fn pooling(&self) -> Option<Pooling> {
+        match &self.engine {
+            Engine::Encoder { pooling, .. } => Some(*pooling),
+            Engine::Generator { .. } => None,
+        }
+    }
+
+    fn wrong_task(&self, wanted: &'static str) -> ApiError {
+        ApiError::WrongTask {
+            model: self.model_name.clone(),
+            architecture: self.architecture.clone(),
+            task: self.task(),
+            wanted,
+        }
+    }
+
     /// The compiled chat template, or why there is none.
     pub fn chat_template(&self) -> Result<&ChatTemplate, ApiError> {
-        self.chat_template
-            .as_ref()
-            .map_err(|error| ApiError::ChatTemplate(error.clone()))
+        match &self.engine {
+            Engine::Generator { chat_template, .. } => chat_template
+                .as_ref()
+                .map_err(|error| ApiError::ChatTemplate(error.clone())),
+            Engine::Encoder { .. } => Err(self.wrong_task("text-generation")),
+        }
+    }
+
+    /// Whether the engine thread runs.
+    pub fn is_alive(&self) -> bool {
+        match &self.engine {
+            Engine::Generator { scheduler, .. } => scheduler.is_alive(),
+            Engine::Encoder { scheduler, .. } => scheduler.is_alive(),
+        }
     }
 
     /// Lets accepted requests finish and stops the engine thread.
     pub fn shutdown(self) {
-        let mut scheduler = self.scheduler;
-        scheduler.shutdown();
+        match self.engine {
+            Engine::Generator { mut scheduler, .. } => scheduler.shutdown(),
+            Engine::Encoder { mut scheduler, .. } => scheduler.shutdown(),
+        }
     }
 }

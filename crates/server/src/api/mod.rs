@@ -3,3 +3,4 @@
 pub mod chat;
 pub mod common;
 pub mod completions;
+pub mod embeddings;

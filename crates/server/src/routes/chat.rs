@@ -36,7 +36,7 @@ pub async fn create(
     })
     .await?;
     let prompts = [prompt];
-    let submitted = generation::submit(&state.scheduler, &prompts, &plan.params, "messages")?;
+    let submitted = generation::submit(state.generator()?, &prompts, &plan.params, "messages")?;
     let format = Format {
         id: request_id("chatcmpl"),
         created: unix_now(),

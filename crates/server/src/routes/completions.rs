@@ -25,11 +25,12 @@ pub async fn create(
 ) -> Result<Response, ApiError> {
     let plan = request.validate()?;
     state.check_model(&plan.model)?;
+    let scheduler = state.generator()?;
     let echo = plan.echo;
     let prompts = plan.prompts;
     let tokenizer = Arc::clone(&state.tokenizer);
     let (ids, echoes) = blocking(move || tokenize(&tokenizer, prompts, echo)).await?;
-    let submitted = generation::submit(&state.scheduler, &ids, &plan.params, "prompt")?;
+    let submitted = generation::submit(scheduler, &ids, &plan.params, "prompt")?;
     let format = Format {
         id: request_id("cmpl"),
         created: unix_now(),

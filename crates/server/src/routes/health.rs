@@ -17,7 +17,7 @@ pub async fn health() -> impl IntoResponse {
 
 /// `GET /ready`: 200 while the engine thread runs, 503 otherwise.
 pub async fn ready(State(state): State<Arc<AppState>>) -> impl IntoResponse {
-    if state.scheduler.is_alive() {
+    if state.is_alive() {
         (StatusCode::OK, Json(json!({"status": "ready"})))
     } else {
         (

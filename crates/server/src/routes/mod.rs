@@ -2,6 +2,8 @@
 
 pub mod chat;
 pub mod completions;
+pub mod embeddings;
+pub mod encoders;
 pub mod health;
 pub mod models;
 
@@ -43,6 +45,7 @@ pub fn router(state: Arc<AppState>, options: &RouterOptions) -> Result<Router, C
     let mut v1 = Router::new()
         .route("/v1/completions", post(completions::create))
         .route("/v1/chat/completions", post(chat::create))
+        .route("/v1/embeddings", post(embeddings::create))
         .route("/v1/models", get(models::list));
     if let Some(key) = &options.api_key {
         v1 = v1.route_layer(middleware::from_fn_with_state(
