@@ -10,5 +10,6 @@ pub mod config;
 pub mod error;
 pub mod generation;
 pub mod metrics;
+pub mod pipelines;
 pub mod routes;
 pub mod state;
