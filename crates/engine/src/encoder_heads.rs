@@ -8,7 +8,7 @@ use candle_nn::VarBuilder;
 
 use crate::classification::Labels;
 use crate::encoder::{EncoderInput, EncoderModel, EncoderOutput, EncoderTask};
-use crate::encoder_layers::{HiddenAct, InputLimits, Norm, PaddedBatch};
+use crate::encoder_layers::{dense, HiddenAct, InputLimits, Norm, PaddedBatch};
 use crate::error::{EngineError, Result};
 use crate::layers::Linear;
 
@@ -44,12 +44,7 @@ impl Pooler {
     /// Loads `dense` (`hidden -> hidden`) from `vb` (transformers' `pooler`).
     pub fn with_dense(vb: VarBuilder, hidden_size: usize) -> Result<Self> {
         Ok(Self {
-            dense: Some(Linear::load(
-                vb.pp("dense"),
-                hidden_size,
-                hidden_size,
-                true,
-            )?),
+            dense: Some(dense(vb.pp("dense"), hidden_size, hidden_size)?),
         })
     }
 
@@ -98,14 +93,14 @@ impl LmPredictionHead {
             vb.get(vocab_size, "decoder.bias")?
         };
         Ok(Self {
-            dense: Linear::load(vb.pp("transform.dense"), hidden_size, hidden_size, true)?,
+            dense: dense(vb.pp("transform.dense"), hidden_size, hidden_size)?,
             activation,
             layer_norm: Norm::layer_norm(
                 vb.pp("transform.LayerNorm"),
                 hidden_size,
                 layer_norm_eps,
             )?,
-            decoder: Linear::new(decoder_weight, Some(bias)),
+            decoder: Linear::new(decoder_weight, Some(bias)).into_batched_layout()?,
             span: tracing::span!(tracing::Level::TRACE, "lm-head"),
         })
     }
@@ -122,7 +117,7 @@ impl LmPredictionHead {
 
     /// The output vocabulary's size.
     pub fn vocab_size(&self) -> Result<usize> {
-        Ok(self.decoder.weight().dim(0)?)
+        self.decoder.out_dim()
     }
 }
 
@@ -200,7 +195,7 @@ impl<B: EncoderBody> EncoderWithHead<B> {
         M: FnOnce() -> Result<LmPredictionHead>,
     {
         let hidden = body.hidden_size();
-        let linear = |name: &str, out: usize| Linear::load(vb.pp(name), hidden, out, true);
+        let linear = |name: &str, out: usize| dense(vb.pp(name), hidden, out);
         let pooler = if uses_pooler(task) {
             match (parts.pooler)()? {
                 Some(pooler) => Some(pooler),

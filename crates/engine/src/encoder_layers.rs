@@ -377,11 +377,11 @@ impl SelfAttention {
         let key = Linear::load(vb.pp("key"), query_key_in, all_heads, true)?;
         let value = Linear::load(vb.pp("value"), value_in, all_heads, true)?;
         let projections = if value_shares_input {
-            Projections::QueryKeyValue(Linear::fused(&[query, key, value])?)
+            Projections::QueryKeyValue(Linear::fused(&[query, key, value])?.into_batched_layout()?)
         } else {
             Projections::QueryKeyThenValue {
-                query_key: Linear::fused(&[query, key])?,
-                value,
+                query_key: Linear::fused(&[query, key])?.into_batched_layout()?,
+                value: value.into_batched_layout()?,
             }
         };
         Ok(Self {
@@ -472,6 +472,12 @@ impl SelfAttention {
     }
 }
 
+/// A dense layer with bias (`in_dim -> out_dim`) in the batched layout every encoder layer uses
+/// (see [`Linear::into_batched_layout`]).
+pub fn dense(vb: VarBuilder, in_dim: usize, out_dim: usize) -> Result<Linear> {
+    Linear::load(vb, in_dim, out_dim, true)?.into_batched_layout()
+}
+
 /// `norm(dense(x) + residual)`, the output block BERT-family layers repeat, or `norm(dense(x))`
 /// without a residual (MobileBERT's bottleneck).
 #[derive(Debug, Clone)]
@@ -491,7 +497,7 @@ impl DenseNorm {
         eps: f64,
     ) -> Result<Self> {
         Ok(Self {
-            dense: Linear::load(vb.pp("dense"), in_dim, out_dim, true)?,
+            dense: dense(vb.pp("dense"), in_dim, out_dim)?,
             norm: Norm::load(vb.pp(norm_name), kind, out_dim, eps)?,
         })
     }

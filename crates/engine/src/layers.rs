@@ -1,9 +1,9 @@
-//! Building blocks shared by the decoder models: linear layers with fused weights, RMSNorm,
-//! rotary embeddings and the SiLU-gated MLP.
+//! Building blocks shared by the models: linear layers with fused weights, RMSNorm, rotary
+//! embeddings and the SiLU-gated MLP.
 
 use candle_core::{DType, Device, Module, Storage, Tensor, D};
 
-use crate::cpu_matmul;
+use crate::{cpu_gemm, cpu_matmul};
 use candle_nn::{Activation, VarBuilder};
 
 use crate::error::Result;
@@ -11,8 +11,21 @@ use crate::error::Result;
 /// A linear layer `y = x W^T (+ b)` over the last dimension of `x`.
 #[derive(Debug, Clone)]
 pub struct Linear {
+    /// The weight, stored as `layout` says.
     weight: Tensor,
     bias: Option<Tensor>,
+    layout: WeightLayout,
+}
+
+/// How a [`Linear`] stores its weight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WeightLayout {
+    /// `[out, in]`, as checkpoints store it.
+    Rows,
+    /// [`cpu_gemm::pack`]ed panels of `out_dim` outputs (CPU, f32, AVX-512).
+    Panels { out_dim: usize },
+    /// `[in, out]`, contiguous (CPU, f32, no AVX-512): what candle's GEMM reads best.
+    Transposed,
 }
 
 impl Linear {
@@ -24,23 +37,33 @@ impl Linear {
         } else {
             None
         };
-        Ok(Self { weight, bias })
+        Ok(Self::new(weight, bias))
     }
 
     /// A layer over an existing weight `[out, in]` and bias `[out]`.
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias }
+        Self {
+            weight,
+            bias,
+            layout: WeightLayout::Rows,
+        }
     }
 
     /// A layer over an existing weight (tied embeddings).
     pub fn from_weight(weight: Tensor) -> Self {
-        Self { weight, bias: None }
+        Self::new(weight, None)
     }
 
     /// Several projections of the same input fused into one: their weights are concatenated
     /// along the output dimension once at load, so that each step runs one matmul instead of
-    /// several.
+    /// several. Fuse before [`Linear::into_batched_layout`].
     pub fn fused(parts: &[Linear]) -> Result<Self> {
+        if parts.iter().any(|p| p.layout != WeightLayout::Rows) {
+            return Err(candle_core::Error::Msg(
+                "layers are fused before they change layout".into(),
+            )
+            .into());
+        }
         let weights: Vec<&Tensor> = parts.iter().map(|p| &p.weight).collect();
         let weight = Tensor::cat(&weights, 0)?;
         let bias = if parts.iter().all(|p| p.bias.is_some()) {
@@ -49,12 +72,49 @@ impl Linear {
         } else {
             None
         };
-        Ok(Self { weight, bias })
+        Ok(Self::new(weight, bias))
     }
 
-    /// The weight, `[out, in]`.
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
+    /// Stores the weight in the layout in which many rows are multiplied at once on CPU, and
+    /// uses it for every forward whatever the number of rows: packed panels read by
+    /// [`cpu_gemm`] where the CPU has AVX-512, the transposed weight read by candle's GEMM
+    /// elsewhere. For encoders, whose every forward is a batch of whole sequences; decoders keep
+    /// the row layout that their decode steps read fastest. The weight's memory is held once
+    /// in the new layout (twice when it is shared, as tied embeddings are). A no-op off CPU and
+    /// for other dtypes than f32.
+    pub fn into_batched_layout(self) -> Result<Self> {
+        if self.layout != WeightLayout::Rows
+            || !self.weight.device().is_cpu()
+            || self.weight.dtype() != DType::F32
+        {
+            return Ok(self);
+        }
+        let (out_dim, in_dim) = self.weight.dims2()?;
+        let (weight, layout) = if cpu_gemm::available() {
+            let rows: Vec<f32> = self.weight.flatten_all()?.to_vec1()?;
+            let packed = cpu_gemm::pack(&rows, out_dim, in_dim);
+            let len = packed.len();
+            (
+                Tensor::from_vec(packed, len, self.weight.device())?,
+                WeightLayout::Panels { out_dim },
+            )
+        } else {
+            (self.weight.t()?.contiguous()?, WeightLayout::Transposed)
+        };
+        Ok(Self {
+            weight,
+            bias: self.bias,
+            layout,
+        })
+    }
+
+    /// Outputs of the layer.
+    pub fn out_dim(&self) -> Result<usize> {
+        Ok(match self.layout {
+            WeightLayout::Rows => self.weight.dim(0)?,
+            WeightLayout::Panels { out_dim } => out_dim,
+            WeightLayout::Transposed => self.weight.dim(1)?,
+        })
     }
 }
 
@@ -66,19 +126,74 @@ impl Module for Linear {
         let in_dim = dims[dims.len() - 1];
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let x = x.reshape((rows, in_dim))?;
-        let y = if rows <= cpu_matmul::MAX_ROWS && x.device().is_cpu() && x.dtype() == DType::F32 {
-            skinny_matmul(&x, &self.weight)?
-        } else {
-            x.matmul(&self.weight.t()?)?
+        let y = match self.layout {
+            WeightLayout::Panels { out_dim } => {
+                // The bias is added inside the kernel.
+                let y = packed_matmul(&x, &self.weight, out_dim, self.bias.as_ref())?;
+                let mut out_dims = dims.to_vec();
+                out_dims[dims.len() - 1] = out_dim;
+                return y.reshape(out_dims);
+            }
+            WeightLayout::Transposed => x.matmul(&self.weight)?,
+            WeightLayout::Rows => {
+                if rows <= cpu_matmul::MAX_ROWS && x.device().is_cpu() && x.dtype() == DType::F32 {
+                    skinny_matmul(&x, &self.weight)?
+                } else {
+                    x.matmul(&self.weight.t()?)?
+                }
+            }
         };
         let y = match &self.bias {
             Some(bias) => y.broadcast_add(bias)?,
             None => y,
         };
         let mut out_dims = dims.to_vec();
-        out_dims[dims.len() - 1] = self.weight.dim(0)?;
+        out_dims[dims.len() - 1] = y.dim(1)?;
         y.reshape(out_dims)
     }
+}
+
+/// `x W^T + bias` through [`cpu_gemm`] over the packed weight.
+fn packed_matmul(
+    x: &Tensor,
+    packed: &Tensor,
+    out_dim: usize,
+    bias: Option<&Tensor>,
+) -> candle_core::Result<Tensor> {
+    let x = x.contiguous()?;
+    let (rows, k) = x.dims2()?;
+    let y = {
+        let (x_storage, x_layout) = x.storage_and_layout();
+        let (w_storage, w_layout) = packed.storage_and_layout();
+        let bias_guard = bias.map(|b| b.storage_and_layout());
+        let bias_values = match &bias_guard {
+            Some((storage, layout)) => Some(cpu_f32(storage, layout)?),
+            None => None,
+        };
+        cpu_gemm::matmul_bias(
+            cpu_f32(&x_storage, x_layout)?,
+            rows,
+            cpu_f32(&w_storage, w_layout)?,
+            k,
+            out_dim,
+            bias_values,
+        )
+    };
+    Tensor::from_vec(y, (rows, out_dim), x.device())
+}
+
+/// The values of a contiguous f32 CPU tensor.
+fn cpu_f32<'a>(
+    storage: &'a Storage,
+    layout: &candle_core::Layout,
+) -> candle_core::Result<&'a [f32]> {
+    let Storage::Cpu(cpu) = storage else {
+        candle_core::bail!("a packed CPU weight needs CPU inputs");
+    };
+    let (start, end) = layout.contiguous_offsets().ok_or_else(|| {
+        candle_core::Error::Msg("the packed matmul needs contiguous tensors".into())
+    })?;
+    Ok(&cpu.as_slice::<f32>()?[start..end])
 }
 
 /// `x W^T` through [`cpu_matmul`] for the few rows of a decode step on CPU.

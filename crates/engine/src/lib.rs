@@ -5,6 +5,7 @@ pub mod attention;
 pub mod batch;
 pub mod classification;
 pub mod cpu_attention;
+pub mod cpu_gemm;
 pub mod cpu_matmul;
 pub mod detokenizer;
 pub mod encoder;

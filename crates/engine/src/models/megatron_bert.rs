@@ -14,7 +14,7 @@ use crate::encoder::EncoderTask;
 use crate::encoder_heads::{
     base_model_vb, EncoderBody, EncoderWithHead, HeadParts, LmPredictionHead, Pooler,
 };
-use crate::encoder_layers::{HiddenAct, InputLimits, Norm, PaddedBatch, SelfAttention};
+use crate::encoder_layers::{dense, HiddenAct, InputLimits, Norm, PaddedBatch, SelfAttention};
 use crate::error::{EngineError, Result};
 use crate::kv_cache::{CacheShape, KvCache};
 use crate::layers::Linear;
@@ -215,11 +215,11 @@ impl MegatronBertLayer {
                 config.head_dim(),
                 true,
             )?,
-            attention_output: Linear::load(vb.pp("attention.output.dense"), hidden, hidden, true)?,
+            attention_output: dense(vb.pp("attention.output.dense"), hidden, hidden)?,
             ln: Norm::layer_norm(vb.pp("ln"), hidden, eps)?,
-            intermediate: Linear::load(vb.pp("intermediate.dense"), hidden, intermediate, true)?,
+            intermediate: dense(vb.pp("intermediate.dense"), hidden, intermediate)?,
             activation: HiddenAct::parse(&config.hidden_act)?,
-            output: Linear::load(vb.pp("output.dense"), intermediate, hidden, true)?,
+            output: dense(vb.pp("output.dense"), intermediate, hidden)?,
             span: tracing::span!(tracing::Level::TRACE, "layer"),
         })
     }

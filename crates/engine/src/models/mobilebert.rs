@@ -11,7 +11,7 @@ use crate::encoder_heads::{
     base_model_vb, EncoderBody, EncoderWithHead, HeadParts, LmPredictionHead, Pooler,
 };
 use crate::encoder_layers::{
-    DenseNorm, HiddenAct, InputLimits, Norm, NormKind, PaddedBatch, SelfAttention,
+    dense, DenseNorm, HiddenAct, InputLimits, Norm, NormKind, PaddedBatch, SelfAttention,
 };
 use crate::error::{EngineError, Result};
 use crate::layers::Linear;
@@ -184,12 +184,7 @@ impl MobileBertEmbeddings {
             } else {
                 embedding
             };
-            Some(Linear::load(
-                vb.pp("embedding_transformation"),
-                input,
-                hidden,
-                true,
-            )?)
+            Some(dense(vb.pp("embedding_transformation"), input, hidden)?)
         } else {
             None
         };
@@ -328,12 +323,7 @@ impl FeedForward {
     ) -> Result<Self> {
         let (true_hidden, intermediate) = (config.true_hidden_size(), config.intermediate_size);
         Ok(Self {
-            intermediate: Linear::load(
-                vb.pp("intermediate.dense"),
-                true_hidden,
-                intermediate,
-                true,
-            )?,
+            intermediate: dense(vb.pp("intermediate.dense"), true_hidden, intermediate)?,
             activation,
             output: DenseNorm::load(
                 vb.pp("output"),
