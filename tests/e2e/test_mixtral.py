@@ -1,9 +1,13 @@
-"""Mixtral is served like Mistral: the same endpoints, the same continuous batches."""
+"""Mixtral is served like Mistral: the same endpoints, the same continuous batches; the Mistral
+and Mixtral sequence classifiers are served by the text-classification route."""
 
 from __future__ import annotations
 
+import json
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
+import pytest
 from openai import OpenAI
 
 from support import FIXTURE_DIR, expected_text, load_reference, load_tokenizer
@@ -32,3 +36,43 @@ def test_mixtral_greedy_completions_match_transformers_alone_and_concurrently(sp
     )
     assert chat.choices[0].finish_reason in ("stop", "length")
     assert chat.usage is not None and chat.usage.completion_tokens >= 1
+
+
+CLASSIFIERS = FIXTURE_DIR.parent.parent / "classifiers"
+
+
+@pytest.mark.parametrize("name", ["mistral-cls2", "mixtral-cls5"])
+def test_decoder_classifiers_are_served_by_the_classify_route(spawn_server, name: str) -> None:
+    """MistralForSequenceClassification and MixtralForSequenceClassification answer /v1/classify
+    with transformers' scores for every label, one text at a time and all texts in one request."""
+    fixture = CLASSIFIERS / name
+    reference = json.loads((fixture / "classification.json").read_text(encoding="utf-8"))
+    server = spawn_server(model=fixture, name=name)
+    url = f"{server.url}/v1/classify"
+    texts = [case["text"] for case in reference["cases"]]
+
+    def check(answer: list[dict], case: dict) -> None:
+        scores = {item["label"]: item["score"] for item in answer}
+        assert set(scores) == set(reference["labels"])
+        for label, expected in zip(reference["labels"], case["scores"]):
+            assert abs(scores[label] - expected) <= 1e-4, (case["text"], label, scores[label], expected)
+        assert [item["score"] for item in answer] == sorted(scores.values(), reverse=True)
+
+    for case in reference["cases"]:
+        response = httpx.post(url, json={"inputs": case["text"], "parameters": {"top_k": None}}, timeout=30)
+        assert response.status_code == 200, response.text
+        (answer,) = response.json()
+        check(answer, case)
+    response = httpx.post(url, json={"inputs": texts, "parameters": {"top_k": None}}, timeout=30)
+    assert response.status_code == 200, response.text
+    answers = response.json()
+    assert len(answers) == len(texts)
+    for answer, case in zip(answers, reference["cases"]):
+        check(answer, case)
+    # The best label alone by default, as the pipeline answers.
+    best = httpx.post(url, json={"inputs": texts[0]}, timeout=30).json()
+    first = reference["cases"][0]["scores"]
+    assert best[0][0]["label"] == reference["labels"][first.index(max(first))]
+    # A classifier does not generate.
+    refused = httpx.post(f"{server.url}/v1/completions", json={"model": name, "prompt": "hi"}, timeout=30)
+    assert refused.status_code == 400 and "text-classification" in refused.json()["error"]["message"]

@@ -89,6 +89,9 @@ pub struct LoadedEncoder {
     pub model: Box<dyn EncoderModel>,
     /// The model's tokenizer.
     pub tokenizer: Tokenizer,
+    /// The text of tokenizer_config.json, when the model has one: the pipelines read its
+    /// special tokens and `model_max_length`.
+    pub tokenizer_config: Option<String>,
     /// The architecture config.json named.
     pub architecture: String,
 }
@@ -100,6 +103,7 @@ pub fn load_encoder(source: &ModelSource, options: &LoadOptions) -> Result<Loade
     Ok(LoadedEncoder {
         model,
         tokenizer: opened.tokenizer,
+        tokenizer_config: opened.files.tokenizer_config,
         architecture: opened.architecture,
     })
 }

@@ -11,6 +11,7 @@ use candlewick_engine::{
 };
 use candlewick_scheduler::{EncoderConfig, SchedulerConfig};
 use candlewick_server::config::{ServeArgs, Settings};
+use candlewick_server::pipelines::PipelineTokenizer;
 use candlewick_server::routes;
 use candlewick_server::state::AppState;
 
@@ -154,9 +155,13 @@ fn load_encoder_state(
         max_input_tokens,
         max_request_tokens: settings.max_request_tokens,
     };
+    let pipeline_tokenizer =
+        PipelineTokenizer::new(&loaded.tokenizer.shared(), loaded.tokenizer_config.as_deref())
+            .map_err(|error| anyhow::anyhow!("reading the tokenizer of {}: {error}", source.display_name()))?;
     Ok(AppState::start_encoder(
         model_name,
         loaded,
+        pipeline_tokenizer,
         config,
         settings.pooling,
     )?)

@@ -11,6 +11,7 @@ use candlewick_scheduler::{
 use crate::chat_template::{ChatTemplate, ChatTemplateError};
 use crate::error::ApiError;
 use crate::generation::unix_now;
+use crate::pipelines::PipelineTokenizer;
 
 /// How `/v1/embeddings` turns a sequence's hidden states into one vector.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -50,6 +51,8 @@ pub enum Engine {
     Encoder {
         /// The encoder thread's handle.
         scheduler: EncoderScheduler,
+        /// The tokenizer with the settings the task pipelines read from tokenizer_config.json.
+        pipeline_tokenizer: PipelineTokenizer,
         /// How embeddings are pooled.
         pooling: Pooling,
     },
@@ -98,10 +101,12 @@ impl AppState {
         })
     }
 
-    /// Starts the encoder thread over `loaded`.
+    /// Starts the encoder thread over `loaded`; `pipeline_tokenizer` is its tokenizer as the
+    /// task pipelines see it.
     pub fn start_encoder(
         model_name: String,
         loaded: LoadedEncoder,
+        pipeline_tokenizer: PipelineTokenizer,
         config: EncoderConfig,
         pooling: Pooling,
     ) -> Result<Self, SchedulerError> {
@@ -111,7 +116,11 @@ impl AppState {
             created: unix_now(),
             tokenizer: Arc::new(loaded.tokenizer),
             architecture: loaded.architecture,
-            engine: Engine::Encoder { scheduler, pooling },
+            engine: Engine::Encoder {
+                scheduler,
+                pipeline_tokenizer,
+                pooling,
+            },
         })
     }
 
@@ -143,10 +152,21 @@ impl AppState {
     /// The encoder scheduler if the served model's head does `task`, else a 400 naming the
     /// model's task.
     pub fn encoder(&self, task: &'static str) -> Result<&EncoderScheduler, ApiError> {
+        self.pipeline(task).map(|(scheduler, _)| scheduler)
+    }
+
+    /// The encoder scheduler and the pipelines' tokenizer if the served model's head does
+    /// `task`, else a 400 naming the model's task.
+    pub fn pipeline(
+        &self,
+        task: &'static str,
+    ) -> Result<(&EncoderScheduler, &PipelineTokenizer), ApiError> {
         match &self.engine {
-            Engine::Encoder { scheduler, .. } if scheduler.info().task.name() == task => {
-                Ok(scheduler)
-            }
+            Engine::Encoder {
+                scheduler,
+                pipeline_tokenizer,
+                ..
+            } if scheduler.info().task.name() == task => Ok((scheduler, pipeline_tokenizer)),
             _ => Err(self.wrong_task(task)),
         }
     }

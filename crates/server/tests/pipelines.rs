@@ -81,13 +81,15 @@ struct Fixture {
 
 fn load(dir: &Path) -> Fixture {
     let LoadedEncoder {
-        model, tokenizer, ..
+        model,
+        tokenizer,
+        tokenizer_config,
+        ..
     } = load_encoder(
         &ModelSource::Dir(dir.to_path_buf()),
         &LoadOptions::default(),
     )
     .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
-    let tokenizer_config = std::fs::read_to_string(dir.join("tokenizer_config.json")).ok();
     let tokenizer = PipelineTokenizer::new(&tokenizer.shared(), tokenizer_config.as_deref())
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
     let info = EncoderInfo {

@@ -8,6 +8,7 @@ use serde::Deserialize;
 use crate::attention::GroupedQueryAttention;
 use crate::batch::{StepBatch, StepRow};
 use crate::classification::{Labels, SequenceClassifier};
+use crate::encoder::{EncoderInput, EncoderModel, EncoderOutput, EncoderTask};
 use crate::error::{EngineError, Result};
 use crate::kv_cache::{CacheShape, KvCache, LayerCache};
 use crate::layers::{GatedMlp, Linear, RmsNorm, RotaryEmbedding, RotaryTables};
@@ -503,5 +504,30 @@ impl SequenceClassifier for MistralForSequenceClassification {
 
     fn labels(&self) -> &Labels {
         &self.labels
+    }
+}
+
+/// The classifier behind the text-classification route: one row of logits per sequence, the
+/// segment ids unused (Mistral has none).
+impl EncoderModel for MistralForSequenceClassification {
+    fn task(&self) -> EncoderTask {
+        EncoderTask::SequenceClassification
+    }
+
+    fn labels(&self) -> Option<&Labels> {
+        Some(&self.labels)
+    }
+
+    fn max_positions(&self) -> usize {
+        self.model.config.max_position_embeddings
+    }
+
+    fn hidden_size(&self) -> usize {
+        self.model.config.hidden_size
+    }
+
+    fn forward(&self, inputs: &[EncoderInput]) -> Result<EncoderOutput> {
+        let sequences: Vec<Vec<u32>> = inputs.iter().map(|input| input.ids.clone()).collect();
+        Ok(EncoderOutput::Sequences(self.classify(&sequences)?))
     }
 }

@@ -130,14 +130,18 @@ fn encoder_head(architecture: &str) -> Option<(&'static str, EncoderTask)> {
 }
 
 /// Builds the encoder and head that `config_json` describes (by `architectures[0]`) from the
-/// weights in `vb`.
+/// weights in `vb`. The Mistral and Mixtral sequence classifiers are served as encoders too: they
+/// read a whole sequence and answer with one row of logits.
 pub fn load_encoder(config_json: &str, vb: VarBuilder) -> Result<Box<dyn EncoderModel>> {
     let config: serde_json::Value = parse_config(config_json)?;
     let found = architecture(&config).unwrap_or_else(|| "(none)".into());
+    if SUPPORTED_CLASSIFIERS.contains(&found.as_str()) {
+        return Ok(Box::new(load_decoder_classifier(config_json, vb)?));
+    }
     let Some((family, task)) = encoder_head(&found) else {
         return Err(EngineError::UnsupportedArchitecture {
             found,
-            supported: SUPPORTED_ENCODERS.to_vec(),
+            supported: [SUPPORTED_ENCODERS, SUPPORTED_CLASSIFIERS].concat(),
         });
     };
     let labels = Labels::from_config(&config)?;
@@ -161,6 +165,14 @@ pub fn load_sequence_classifier(
     config_json: &str,
     vb: VarBuilder,
 ) -> Result<Box<dyn SequenceClassifier>> {
+    Ok(Box::new(load_decoder_classifier(config_json, vb)?))
+}
+
+/// `MistralForSequenceClassification` or `MixtralForSequenceClassification`.
+fn load_decoder_classifier(
+    config_json: &str,
+    vb: VarBuilder,
+) -> Result<mistral::MistralForSequenceClassification> {
     let config: serde_json::Value = parse_config(config_json)?;
     let found = architecture(&config).unwrap_or_else(|| "(none)".into());
     let labels = Labels::from_config(&config)?;
@@ -171,23 +183,17 @@ pub fn load_sequence_classifier(
     match found.as_str() {
         "MistralForSequenceClassification" => {
             let config: mistral::MistralConfig = parse_config(config_json)?;
-            Ok(Box::new(mistral::MistralForSequenceClassification::load(
-                vb,
-                &config,
-                None,
-                labels,
-                pad_token_id,
-            )?))
+            mistral::MistralForSequenceClassification::load(vb, &config, None, labels, pad_token_id)
         }
         "MixtralForSequenceClassification" => {
             let config: mixtral::MixtralConfig = parse_config(config_json)?;
-            Ok(Box::new(mistral::MistralForSequenceClassification::load(
+            mistral::MistralForSequenceClassification::load(
                 vb,
                 &config.decoder(),
                 Some(config.experts()?),
                 labels,
                 pad_token_id,
-            )?))
+            )
         }
         _ => Err(EngineError::UnsupportedArchitecture {
             found,

@@ -46,6 +46,10 @@ pub fn router(state: Arc<AppState>, options: &RouterOptions) -> Result<Router, C
         .route("/v1/completions", post(completions::create))
         .route("/v1/chat/completions", post(chat::create))
         .route("/v1/embeddings", post(embeddings::create))
+        .route("/v1/classify", post(encoders::classify))
+        .route("/v1/token-classify", post(encoders::token_classify))
+        .route("/v1/question-answering", post(encoders::question_answering))
+        .route("/v1/fill-mask", post(encoders::fill_mask))
         .route("/v1/models", get(models::list));
     if let Some(key) = &options.api_key {
         v1 = v1.route_layer(middleware::from_fn_with_state(
