@@ -3,8 +3,10 @@
 //! With one to a few rows, a decode step is bound by reading the weights from memory. A general
 //! GEMM packs its operands into blocks first, which for a single row means copying every weight
 //! once more per step. Here each weight row is read once, straight from the (memory-mapped)
-//! matrix, and dotted with every row of `x` while it is in L1; output rows are split across the
-//! rayon pool. Each output is the same dot product in the same order whatever the number of
+//! matrix, and dotted with a few rows of `x` at a time from registers (a tile of weight rows by
+//! rows of `x`, so that each load feeds several FMAs once a batch decodes together), while the
+//! next weight rows are already being fetched; weight rows are split across the rayon pool and
+//! results written in place. Each output is the same dot product in the same order whatever the number of
 //! rows, so a sequence's logits do not depend on which other sequences share its decode batch.
 
 use rayon::prelude::*;
@@ -19,33 +21,76 @@ const ROWS_PER_TASK: usize = 32;
 
 /// `x` is `[rows, k]`, `w` is `[n, k]`, both row-major; returns `[rows, n]`.
 pub fn matmul_transposed(x: &[f32], rows: usize, w: &[f32], n: usize, k: usize) -> Vec<f32> {
-    debug_assert_eq!(x.len(), rows * k);
-    debug_assert_eq!(w.len(), n * k);
+    assert_eq!(x.len(), rows * k);
+    assert_eq!(w.len(), n * k);
     let kernel = kernel();
-    // Computed as [n, rows] so that each task owns a contiguous block of the output.
-    let mut transposed = vec![0f32; n * rows];
-    transposed
-        .par_chunks_mut(ROWS_PER_TASK * rows)
-        .enumerate()
-        .for_each(|(task, out)| {
-            let first = task * ROWS_PER_TASK;
-            let count = out.len() / rows;
-            kernel(x, rows, &w[first * k..(first + count) * k], k, out);
-        });
-    if rows == 1 {
-        return transposed;
-    }
     let mut y = vec![0f32; rows * n];
-    for (j, outputs) in transposed.chunks_exact(rows).enumerate() {
-        for (i, &value) in outputs.iter().enumerate() {
-            y[i * n + j] = value;
-        }
-    }
+    let out = Outputs {
+        ptr: y.as_mut_ptr(),
+        stride: n,
+    };
+    (0..n.div_ceil(ROWS_PER_TASK))
+        .into_par_iter()
+        .for_each(|task| {
+            let first = task * ROWS_PER_TASK;
+            let count = ROWS_PER_TASK.min(n - first);
+            // Safety: the sizes were checked above; each task writes only its own columns
+            // `first..first + count` of the `rows` rows of `y`.
+            unsafe {
+                kernel(
+                    x,
+                    rows,
+                    &w[first * k..(first + count) * k],
+                    k,
+                    out.at_column(first),
+                )
+            };
+        });
     y
 }
 
-/// Computes `out[j * rows + i] = dot(x[i], w[j])` for the weight rows of `w`.
-type Kernel = fn(&[f32], usize, &[f32], usize, &mut [f32]);
+/// Where a kernel writes: row `i`, column `j` of the output is `ptr[i * stride + j]`. Tasks
+/// share the output's base and write disjoint columns.
+#[derive(Clone, Copy)]
+struct Outputs {
+    ptr: *mut f32,
+    stride: usize,
+}
+
+// Safety: every task writes only its own columns (see `matmul_transposed`).
+unsafe impl Send for Outputs {}
+unsafe impl Sync for Outputs {}
+
+impl Outputs {
+    /// The outputs from column `j` on.
+    ///
+    /// # Safety
+    /// `j` must be a column of the output.
+    #[inline(always)]
+    unsafe fn at_column(self, j: usize) -> Self {
+        Self {
+            ptr: self.ptr.add(j),
+            stride: self.stride,
+        }
+    }
+
+    /// Stores `value` at row `i`, column `j`.
+    ///
+    /// # Safety
+    /// The position must lie inside the output and belong to the calling task.
+    #[inline(always)]
+    unsafe fn write(self, i: usize, j: usize, value: f32) {
+        *self.ptr.add(i * self.stride + j) = value;
+    }
+}
+
+/// Writes `dot(x[i], w[j])` at row `i`, column `j` of `out` for every row of `x` and weight row
+/// of `w`.
+///
+/// # Safety
+/// `out` must hold `rows` rows of at least as many columns as `w` has weight rows, and the CPU
+/// must support the kernel's instructions.
+type Kernel = unsafe fn(&[f32], usize, &[f32], usize, Outputs);
 
 fn kernel() -> Kernel {
     static KERNEL: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
@@ -53,14 +98,12 @@ fn kernel() -> Kernel {
         #[cfg(target_arch = "x86_64")]
         {
             if std::arch::is_x86_feature_detected!("avx512f") {
-                // Safety: the CPU was just checked for AVX-512F.
-                return |x, rows, w, k, out| unsafe { x86::dot_rows_avx512(x, rows, w, k, out) };
+                return x86::dot_rows_avx512;
             }
             if std::arch::is_x86_feature_detected!("avx2")
                 && std::arch::is_x86_feature_detected!("fma")
             {
-                // Safety: the CPU was just checked for AVX2 and FMA.
-                return |x, rows, w, k, out| unsafe { x86::dot_rows_avx2(x, rows, w, k, out) };
+                return x86::dot_rows_avx2;
             }
         }
         dot_rows
@@ -69,35 +112,21 @@ fn kernel() -> Kernel {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
+    use super::Outputs;
     use std::arch::x86_64::*;
-
-    /// Most rows of `x` a vector kernel keeps accumulators for at once.
-    const BLOCK: usize = 8;
 
     /// # Safety
     /// The CPU must support AVX-512F.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn dot_rows_avx512(x: &[f32], rows: usize, w: &[f32], k: usize, out: &mut [f32]) {
+    pub unsafe fn dot_rows_avx512(x: &[f32], rows: usize, w: &[f32], k: usize, out: Outputs) {
         let n = w.len() / k;
         let mut j = 0;
         while j + 4 <= n {
-            weight_rows::<4>(
-                x,
-                rows,
-                &w[j * k..(j + 4) * k],
-                k,
-                &mut out[j * rows..(j + 4) * rows],
-            );
+            weight_rows::<4>(x, rows, &w[j * k..(j + 4) * k], k, out.at_column(j));
             j += 4;
         }
         while j < n {
-            weight_rows::<1>(
-                x,
-                rows,
-                &w[j * k..(j + 1) * k],
-                k,
-                &mut out[j * rows..(j + 1) * rows],
-            );
+            weight_rows::<1>(x, rows, &w[j * k..(j + 1) * k], k, out.at_column(j));
             j += 1;
         }
     }
@@ -109,15 +138,15 @@ mod x86 {
         rows: usize,
         w: &[f32],
         k: usize,
-        out: &mut [f32],
+        out: Outputs,
     ) {
         let mut i = 0;
         while i + 4 <= rows {
-            tile::<W, 4>(x, i, rows, w, k, out);
+            tile::<W, 4>(x, i, w, k, out);
             i += 4;
         }
         while i < rows {
-            tile::<W, 1>(x, i, rows, w, k, out);
+            tile::<W, 1>(x, i, w, k, out);
             i += 1;
         }
     }
@@ -130,10 +159,9 @@ mod x86 {
     unsafe fn tile<const W: usize, const X: usize>(
         x: &[f32],
         first: usize,
-        rows: usize,
         w: &[f32],
         k: usize,
-        out: &mut [f32],
+        out: Outputs,
     ) {
         const WIDTH: usize = 16;
         let vector_k = k - k % WIDTH;
@@ -156,8 +184,11 @@ mod x86 {
             for (i, acc) in acc.iter().enumerate() {
                 let input = &x[(first + i) * k..(first + i + 1) * k];
                 let weights = &w[r * k..(r + 1) * k];
-                out[r * rows + first + i] =
-                    _mm512_reduce_add_ps(*acc) + super::tail(input, weights, vector_k);
+                out.write(
+                    first + i,
+                    r,
+                    _mm512_reduce_add_ps(*acc) + super::tail(input, weights, vector_k),
+                );
             }
         }
     }
@@ -165,40 +196,99 @@ mod x86 {
     /// # Safety
     /// The CPU must support AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot_rows_avx2(x: &[f32], rows: usize, w: &[f32], k: usize, out: &mut [f32]) {
+    pub unsafe fn dot_rows_avx2(x: &[f32], rows: usize, w: &[f32], k: usize, out: Outputs) {
+        let n = w.len() / k;
+        let mut j = 0;
+        while j + 3 <= n {
+            weight_rows_avx2::<3>(x, rows, &w[j * k..(j + 3) * k], k, out.at_column(j));
+            j += 3;
+        }
+        while j < n {
+            weight_rows_avx2::<1>(x, rows, &w[j * k..(j + 1) * k], k, out.at_column(j));
+            j += 1;
+        }
+    }
+
+    /// `W` weight rows against every row of `x`, three rows of `x` at a time.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn weight_rows_avx2<const W: usize>(
+        x: &[f32],
+        rows: usize,
+        w: &[f32],
+        k: usize,
+        out: Outputs,
+    ) {
+        let mut i = 0;
+        while i + 3 <= rows {
+            tile_avx2::<W, 3>(x, i, w, k, out);
+            i += 3;
+        }
+        while i < rows {
+            tile_avx2::<W, 1>(x, i, w, k, out);
+            i += 1;
+        }
+    }
+
+    /// A `W x X` tile of outputs in 256-bit registers (at most 3 x 3: nine accumulators, three
+    /// inputs and a weight vector fit the sixteen registers), each step loading `W + X` vectors
+    /// for `W * X` FMAs. Every output is accumulated and reduced in the same order whatever the
+    /// tile, so results do not depend on how many rows share the call.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn tile_avx2<const W: usize, const X: usize>(
+        x: &[f32],
+        first: usize,
+        w: &[f32],
+        k: usize,
+        out: Outputs,
+    ) {
         const WIDTH: usize = 8;
         let vector_k = k - k % WIDTH;
-        for (weights, outputs) in w.chunks_exact(k).zip(out.chunks_exact_mut(rows)) {
-            for first in (0..rows).step_by(BLOCK) {
-                let count = BLOCK.min(rows - first);
-                let mut acc = [_mm256_setzero_ps(); BLOCK];
-                let mut offset = 0;
-                while offset < vector_k {
-                    let wv = _mm256_loadu_ps(weights.as_ptr().add(offset));
-                    for (i, acc) in acc.iter_mut().enumerate().take(count) {
-                        let xv = _mm256_loadu_ps(x.as_ptr().add((first + i) * k + offset));
-                        *acc = _mm256_fmadd_ps(xv, wv, *acc);
-                    }
-                    offset += WIDTH;
+        let mut acc = [[_mm256_setzero_ps(); X]; W];
+        let mut offset = 0;
+        while offset < vector_k {
+            let mut xv = [_mm256_setzero_ps(); X];
+            for (i, xv) in xv.iter_mut().enumerate() {
+                *xv = _mm256_loadu_ps(x.as_ptr().add((first + i) * k + offset));
+            }
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let wv = _mm256_loadu_ps(w.as_ptr().add(r * k + offset));
+                for (acc, xv) in acc.iter_mut().zip(&xv) {
+                    *acc = _mm256_fmadd_ps(*xv, wv, *acc);
                 }
-                for (i, acc) in acc.iter().enumerate().take(count) {
-                    let input = &x[(first + i) * k..(first + i + 1) * k];
-                    let mut lanes = [0f32; WIDTH];
-                    _mm256_storeu_ps(lanes.as_mut_ptr(), *acc);
-                    let sum = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5]))
-                        + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
-                    outputs[first + i] = sum + super::tail(input, weights, vector_k);
+            }
+            // The first pass over these weight rows also asks for the next rows into L2, so
+            // that the stream from memory overlaps the passes of the other rows of `x`.
+            if first == 0 {
+                for r in 0..W {
+                    let ahead = w.as_ptr().wrapping_add((W + r) * k + offset);
+                    _mm_prefetch::<_MM_HINT_T1>(ahead.cast());
                 }
+            }
+            offset += WIDTH;
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            for (i, acc) in acc.iter().enumerate() {
+                let input = &x[(first + i) * k..(first + i + 1) * k];
+                let weights = &w[r * k..(r + 1) * k];
+                let mut lanes = [0f32; WIDTH];
+                _mm256_storeu_ps(lanes.as_mut_ptr(), *acc);
+                let sum = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5]))
+                    + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
+                out.write(first + i, r, sum + super::tail(input, weights, vector_k));
             }
         }
     }
 }
 
 /// The portable kernel, for CPUs without AVX2.
-fn dot_rows(x: &[f32], rows: usize, w: &[f32], k: usize, out: &mut [f32]) {
-    for (weights, outputs) in w.chunks_exact(k).zip(out.chunks_exact_mut(rows)) {
-        for (input, output) in x.chunks_exact(k).zip(outputs.iter_mut()) {
-            *output = input.iter().zip(weights).map(|(a, b)| a * b).sum();
+///
+/// # Safety
+/// As [`Kernel`].
+unsafe fn dot_rows(x: &[f32], rows: usize, w: &[f32], k: usize, out: Outputs) {
+    for (j, weights) in w.chunks_exact(k).enumerate() {
+        for (i, input) in x.chunks_exact(k).take(rows).enumerate() {
+            out.write(i, j, input.iter().zip(weights).map(|(a, b)| a * b).sum());
         }
     }
 }
@@ -242,6 +332,8 @@ mod tests {
             (3, 65, 64),
             (8, 129, 100),
             (2, 31, 768),
+            (16, 7, 40),
+            (5, 4, 17),
         ] {
             let x: Vec<f32> = (0..rows * k).map(|_| next()).collect();
             let w: Vec<f32> = (0..n * k).map(|_| next()).collect();

@@ -155,9 +155,16 @@ fn load_encoder_state(
         max_input_tokens,
         max_request_tokens: settings.max_request_tokens,
     };
-    let pipeline_tokenizer =
-        PipelineTokenizer::new(&loaded.tokenizer.shared(), loaded.tokenizer_config.as_deref())
-            .map_err(|error| anyhow::anyhow!("reading the tokenizer of {}: {error}", source.display_name()))?;
+    let pipeline_tokenizer = PipelineTokenizer::new(
+        &loaded.tokenizer.shared(),
+        loaded.tokenizer_config.as_deref(),
+    )
+    .map_err(|error| {
+        anyhow::anyhow!(
+            "reading the tokenizer of {}: {error}",
+            source.display_name()
+        )
+    })?;
     Ok(AppState::start_encoder(
         model_name,
         loaded,

@@ -138,16 +138,15 @@ pub async fn fill_mask(
     pipeline.run(&state, request).await.map(Json)
 }
 
+/// A pipeline's tokenizing step: the request's inputs into the sequences to run and a plan.
+type PrepareFn<Parameters, Plan> =
+    fn(&PipelineTokenizer, &EncoderInfo, &Value, &Parameters) -> Result<Prepared<Plan>, ApiError>;
+
 /// A task's pipeline: its name (the head it needs) and its three steps.
 struct Pipeline<Parameters, Plan, Output> {
     task: &'static str,
     parse: fn(Option<&Value>) -> Result<Parameters, ApiError>,
-    prepare: fn(
-        &PipelineTokenizer,
-        &EncoderInfo,
-        &Value,
-        &Parameters,
-    ) -> Result<Prepared<Plan>, ApiError>,
+    prepare: PrepareFn<Parameters, Plan>,
     finish: fn(Plan, Vec<EncodedSequence>) -> Result<Output, ApiError>,
 }
 
@@ -170,8 +169,8 @@ where
         let tokenizer = tokenizer.clone();
         let info = scheduler.info().clone();
         let prepare = self.prepare;
-        let prepared = blocking(move || prepare(&tokenizer, &info, &request.inputs, &parameters))
-            .await?;
+        let prepared =
+            blocking(move || prepare(&tokenizer, &info, &request.inputs, &parameters)).await?;
         let outputs = run_encoder(scheduler, prepared.inputs, "inputs").await?;
         let finish = self.finish;
         blocking(move || finish(prepared.plan, outputs)).await
