@@ -1,55 +1,91 @@
-//! `y = x W^T + b` for many rows of `x` on CPU, in f32, with AVX-512: the matmul of an encoder's
-//! forward pass.
+//! `y = x W^T + b` for many rows of `x` on CPU, in f32, with AVX-512 or AVX2 and FMA: the matmul
+//! of an encoder's forward pass.
 //!
-//! candle's GEMM runs 256-bit FMA kernels on CPUs that have 512-bit ones, and packs the weight
-//! on every call. An encoder layer multiplies a few dozen to a few thousand rows by small
+//! candle's GEMM runs 256-bit FMA kernels on CPUs that have 512-bit ones, packs the weight on
+//! every call, and adds the bias in a pass of its own. An encoder layer multiplies a few dozen to a few thousand rows by small
 //! weights, so both costs show. Here the weight is packed once at load ([`pack`], through
 //! [`crate::layers::Linear::into_batched_layout`]) into panels of 32 output columns, each
 //! `[k, 32]` and contiguous, so that the kernel streams it in order: a 12-row by 32-column tile of
 //! outputs lives in 24 registers while it accumulates over `k`, each step loading two weight
 //! vectors and broadcasting twelve inputs, and the bias seeds the accumulators (the last rows
-//! go through 4- and 1-row tiles). Panels are split
-//! across the rayon pool when the product is large enough to repay the fork.
+//! go through 4- and 1-row tiles). Without AVX-512 the same scheme runs on 256-bit registers:
+//! panels of 16 columns and tiles of 6 rows (12 accumulators, two weight vectors and a broadcast
+//! input fill 15 of the 16 registers). Panels are split across the rayon pool when the product
+//! is large enough to repay the fork.
 //!
 //! Each output is one FMA chain over `k` in order, whatever the tile or the number of rows, so
 //! a sequence's outputs do not depend on which other sequences share its batch.
 
 use rayon::prelude::*;
 
-/// Output columns per register tile and per packed panel: two 512-bit vectors.
-pub const PANEL_COLUMNS: usize = 32;
 /// Below this many multiply-adds a product runs on the calling thread: forking would cost more
 /// than it saves.
 const PARALLEL_MIN_MACS: usize = 1 << 21;
+/// Rows of `x` multiplied by every panel before the next rows: a multiple of every tile's
+/// height, small enough that the rows stay in L2 for wide inputs.
+const ROW_BLOCK: usize = 96;
 
-/// Whether this CPU runs the kernel (AVX-512F); callers fall back to a general GEMM otherwise.
-pub fn available() -> bool {
+/// The instructions the kernel runs on, best first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kernel {
+    /// 512-bit registers: panels of 32 columns.
+    Avx512,
+    /// 256-bit registers with FMA: panels of 16 columns.
+    Avx2,
+}
+
+fn kernel() -> Option<Kernel> {
     #[cfg(target_arch = "x86_64")]
     {
-        static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *AVAILABLE.get_or_init(|| std::arch::is_x86_feature_detected!("avx512f"))
+        static KERNEL: std::sync::OnceLock<Option<Kernel>> = std::sync::OnceLock::new();
+        *KERNEL.get_or_init(|| {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                Some(Kernel::Avx512)
+            } else if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                Some(Kernel::Avx2)
+            } else {
+                None
+            }
+        })
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        false
+        None
+    }
+}
+
+/// Whether this CPU runs the kernel (AVX-512F, or AVX2 with FMA); callers fall back to a
+/// general GEMM otherwise.
+pub fn available() -> bool {
+    kernel().is_some()
+}
+
+/// Output columns per register tile and per packed panel on this CPU: two vectors.
+pub fn panel_columns() -> usize {
+    match kernel() {
+        Some(Kernel::Avx512) => 32,
+        _ => 16,
     }
 }
 
 /// Floats in the packed form of a weight with `n` outputs and `k` inputs.
 pub fn packed_len(n: usize, k: usize) -> usize {
-    n.div_ceil(PANEL_COLUMNS) * k * PANEL_COLUMNS
+    n.div_ceil(panel_columns()) * k * panel_columns()
 }
 
-/// The panels of a weight `w` (`[n, k]`, row-major, as checkpoints store it): panel `j` holds
-/// output columns `32 j .. 32 j + 32` as `[k, 32]`, zero past `n`.
+/// The panels of a weight `w` (`[n, k]`, row-major, as checkpoints store it): with `c` =
+/// [`panel_columns`], panel `j` holds output columns `c j .. c j + c` as `[k, c]`, zero past `n`.
 pub fn pack(w: &[f32], n: usize, k: usize) -> Vec<f32> {
     assert_eq!(w.len(), n * k);
+    let columns = panel_columns();
     let mut packed = vec![0f32; packed_len(n, k)];
     for (column, row) in w.chunks_exact(k).enumerate() {
-        let (panel, lane) = (column / PANEL_COLUMNS, column % PANEL_COLUMNS);
-        let base = panel * k * PANEL_COLUMNS + lane;
+        let (panel, lane) = (column / columns, column % columns);
+        let base = panel * k * columns + lane;
         for (p, &value) in row.iter().enumerate() {
-            packed[base + p * PANEL_COLUMNS] = value;
+            packed[base + p * columns] = value;
         }
     }
     packed
@@ -65,7 +101,7 @@ pub fn matmul_bias(
     n: usize,
     bias: Option<&[f32]>,
 ) -> Vec<f32> {
-    assert!(available(), "cpu_gemm needs AVX-512F");
+    let kernel = kernel().expect("cpu_gemm needs AVX-512F, or AVX2 and FMA");
     assert_eq!(x.len(), m * k);
     assert_eq!(packed.len(), packed_len(n, k));
     if let Some(bias) = bias {
@@ -73,34 +109,59 @@ pub fn matmul_bias(
     }
     let mut y = vec![0f32; m * n];
     let out = OutPtr(y.as_mut_ptr());
-    let panels = n.div_ceil(PANEL_COLUMNS);
-    let run = |panel: usize| {
-        // Safety: AVX-512F was checked above; the sizes were checked above, the kernel masks
-        // the columns past `n`, and panels write disjoint columns of `y`.
+    let panels = n.div_ceil(panel_columns());
+    // Work comes in blocks of rows by panels, a block's panels one after another, so that the
+    // block's rows of `x` stay in cache while every panel streams past them.
+    let blocks = m.div_ceil(ROW_BLOCK);
+    let run = |job: usize| {
+        let (block, panel) = (job / panels, job % panels);
+        let first = block * ROW_BLOCK;
+        let rows = ROW_BLOCK.min(m - first);
+        let x = &x[first * k..(first + rows) * k];
+        // Safety: the kernel's instructions were detected above; the sizes were checked above,
+        // the kernel masks the columns past `n`, and jobs write disjoint parts of `y`.
         #[cfg(target_arch = "x86_64")]
         unsafe {
-            x86::panel(x, m, packed, k, n, bias, panel, out)
+            let out = out.offset(first * n);
+            match kernel {
+                Kernel::Avx512 => x86::panel(x, rows, packed, k, n, bias, panel, out),
+                Kernel::Avx2 => x86_avx2::panel(x, rows, packed, k, n, bias, panel, out),
+            }
         };
     };
-    if m * n * k >= PARALLEL_MIN_MACS && panels > 1 {
-        (0..panels).into_par_iter().for_each(run);
+    let jobs = blocks * panels;
+    if m * n * k >= PARALLEL_MIN_MACS && jobs > 1 {
+        (0..jobs).into_par_iter().for_each(run);
     } else {
-        (0..panels).for_each(run);
+        (0..jobs).for_each(run);
     }
     y
 }
 
-/// The output's base pointer, shared by panels that write disjoint columns.
+/// The output's base pointer, shared by jobs that write disjoint parts of it.
 #[derive(Clone, Copy)]
 struct OutPtr(*mut f32);
-// Safety: each panel writes only its own columns of the output.
+// Safety: each job writes only its own rows and columns of the output.
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
+impl OutPtr {
+    /// The output from element `count` on.
+    ///
+    /// # Safety
+    /// `count` must lie inside the output.
+    unsafe fn offset(self, count: usize) -> Self {
+        Self(self.0.add(count))
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{OutPtr, PANEL_COLUMNS};
+    use super::OutPtr;
     use std::arch::x86_64::*;
+
+    /// Output columns of a panel: two 512-bit vectors.
+    const PANEL_COLUMNS: usize = 32;
 
     /// Panel `index` of every output row.
     ///
@@ -217,6 +278,142 @@ mod x86 {
         (9, a9, b9),
         (10, a10, b10),
         (11, a11, b11)
+    );
+    tile!(tile_4: (0, a0, b0), (1, a1, b1), (2, a2, b2), (3, a3, b3));
+    tile!(tile_1: (0, a0, b0));
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86_avx2 {
+    use super::OutPtr;
+    use std::arch::x86_64::*;
+
+    /// Output columns of a panel: two 256-bit vectors.
+    const PANEL_COLUMNS: usize = 16;
+
+    /// Panel `index` of every output row.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA; the slices must have the sizes `matmul_bias` checks.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn panel(
+        x: &[f32],
+        m: usize,
+        packed: &[f32],
+        k: usize,
+        n: usize,
+        bias: Option<&[f32]>,
+        index: usize,
+        out: OutPtr,
+    ) {
+        let first = index * PANEL_COLUMNS;
+        let width = PANEL_COLUMNS.min(n - first);
+        let masks = [lanes(width.min(8)), lanes(width.saturating_sub(8))];
+        // Masked lanes are neither read nor written, so the pointers past `n` are never used.
+        let seed = match bias {
+            Some(bias) => [
+                _mm256_maskload_ps(bias.as_ptr().wrapping_add(first), masks[0]),
+                _mm256_maskload_ps(bias.as_ptr().wrapping_add(first + 8), masks[1]),
+            ],
+            None => [_mm256_setzero_ps(); 2],
+        };
+        let panel = Panel {
+            k,
+            w: packed.as_ptr().add(index * k * PANEL_COLUMNS),
+            n,
+            full: width == PANEL_COLUMNS,
+            masks,
+            seed,
+        };
+        let out = out.0.add(first);
+        let x = x.as_ptr();
+        let mut row = 0;
+        // Six rows at a time, then fours, then ones: every tile computes each output the same
+        // way, so the split does not change a bit.
+        while row + 6 <= m {
+            tile_6(&panel, x.add(row * k), out.add(row * n));
+            row += 6;
+        }
+        while row + 4 <= m {
+            tile_4(&panel, x.add(row * k), out.add(row * n));
+            row += 4;
+        }
+        while row < m {
+            tile_1(&panel, x.add(row * k), out.add(row * n));
+            row += 1;
+        }
+    }
+
+    /// One packed panel and where its outputs go.
+    struct Panel {
+        k: usize,
+        /// The panel's `[k, 16]` weights.
+        w: *const f32,
+        /// Stride of the output rows.
+        n: usize,
+        /// Whether all 16 columns exist (all panels but the last): plain stores, which are
+        /// much faster than masked ones on some CPUs.
+        full: bool,
+        /// The panel's columns that exist.
+        masks: [__m256i; 2],
+        /// The accumulators' start: the bias, or zeros.
+        seed: [__m256; 2],
+    }
+
+    #[target_feature(enable = "avx2")]
+    fn lanes(count: usize) -> __m256i {
+        _mm256_cmpgt_epi32(
+            _mm256_set1_epi32(count as i32),
+            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+        )
+    }
+
+    /// As the AVX-512 kernel's `tile!`, on 256-bit vectors.
+    macro_rules! tile {
+        ($name:ident: $(($row:literal, $a0:ident, $a1:ident)),*) => {
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn $name(panel: &Panel, x: *const f32, out: *mut f32) {
+                let (k, n) = (panel.k, panel.n);
+                $(let mut $a0 = panel.seed[0]; let mut $a1 = panel.seed[1];)*
+                let mut w = panel.w;
+                let mut xp = x;
+                for _ in 0..k {
+                    let w0 = _mm256_loadu_ps(w);
+                    let w1 = _mm256_loadu_ps(w.add(8));
+                    $(
+                        let a = _mm256_set1_ps(*xp.add($row * k));
+                        $a0 = _mm256_fmadd_ps(a, w0, $a0);
+                        $a1 = _mm256_fmadd_ps(a, w1, $a1);
+                    )*
+                    w = w.add(PANEL_COLUMNS);
+                    xp = xp.add(1);
+                }
+                if panel.full {
+                    $(
+                        let o = out.add($row * n);
+                        _mm256_storeu_ps(o, $a0);
+                        _mm256_storeu_ps(o.add(8), $a1);
+                    )*
+                } else {
+                    let [mask0, mask1] = panel.masks;
+                    $(
+                        let o = out.add($row * n);
+                        _mm256_maskstore_ps(o, mask0, $a0);
+                        _mm256_maskstore_ps(o.wrapping_add(8), mask1, $a1);
+                    )*
+                }
+            }
+        };
+    }
+
+    tile!(tile_6:
+        (0, a0, b0),
+        (1, a1, b1),
+        (2, a2, b2),
+        (3, a3, b3),
+        (4, a4, b4),
+        (5, a5, b5)
     );
     tile!(tile_4: (0, a0, b0), (1, a1, b1), (2, a2, b2), (3, a3, b3));
     tile!(tile_1: (0, a0, b0));

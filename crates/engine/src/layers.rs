@@ -22,9 +22,9 @@ pub struct Linear {
 enum WeightLayout {
     /// `[out, in]`, as checkpoints store it.
     Rows,
-    /// [`cpu_gemm::pack`]ed panels of `out_dim` outputs (CPU, f32, AVX-512).
+    /// [`cpu_gemm::pack`]ed panels of `out_dim` outputs (CPU, f32, AVX-512 or AVX2).
     Panels { out_dim: usize },
-    /// `[in, out]`, contiguous (CPU, f32, no AVX-512): what candle's GEMM reads best.
+    /// `[in, out]`, contiguous (CPU, f32, neither AVX-512 nor AVX2): what candle's GEMM reads best.
     Transposed,
 }
 
@@ -77,7 +77,7 @@ impl Linear {
 
     /// Stores the weight in the layout in which many rows are multiplied at once on CPU, and
     /// uses it for every forward whatever the number of rows: packed panels read by
-    /// [`cpu_gemm`] where the CPU has AVX-512, the transposed weight read by candle's GEMM
+    /// [`cpu_gemm`] where the CPU has AVX-512 or AVX2 and FMA, the transposed weight read by candle's GEMM
     /// elsewhere. For encoders, whose every forward is a batch of whole sequences; decoders keep
     /// the row layout that their decode steps read fastest. The weight's memory is held once
     /// in the new layout (twice when it is shared, as tied embeddings are). A no-op off CPU and

@@ -98,7 +98,20 @@ fn keep_large_allocations_in_the_heap() {
     }
 }
 
+/// candle runs its element-wise operations on a pool of its own whose workers spin for a while
+/// after each operation, while the matmuls run on the rayon pool: on a machine with few cores
+/// the spinning workers take cores from the matmuls (a sixth of an encoder batch's time on two
+/// cores). Element-wise work is a small part of a step, so by default it stays on the calling
+/// thread; CANDLE_NUM_THREADS set in the environment still decides.
+fn keep_elementwise_work_on_the_calling_thread() {
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        // Safety (of the environment): this runs first in main, before any other thread starts.
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
+}
+
 fn main() -> Result<()> {
+    keep_elementwise_work_on_the_calling_thread();
     keep_large_allocations_in_the_heap();
     tracing_subscriber::fmt()
         .with_env_filter(
