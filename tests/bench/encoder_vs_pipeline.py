@@ -21,8 +21,6 @@ import argparse
 import json
 import os
 import random
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -105,41 +103,20 @@ def bench_transformers(path: Path, texts, batch_sizes, threads, repeats):
     return results, outputs
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def bench_candlewick(path: Path, texts, batch_sizes, threads, repeats, seq_len):
     import httpx
+    from load import SpawnedServer, find_binary
 
-    binary = Path(os.environ.get("CANDLEWICK_BIN", ROOT / "target" / "release" / "candlewick"))
-    if not binary.exists():
-        sys.exit(f"{binary} not found: run `cargo build --release` first")
-    port = free_port()
-    env = dict(os.environ, RAYON_NUM_THREADS=str(threads), RUST_LOG="warn")
-    log = tempfile.NamedTemporaryFile(prefix="candlewick-bench-", suffix=".log", delete=False)
+    os.environ.update(RAYON_NUM_THREADS=str(threads), RUST_LOG="warn")
+    log = Path(tempfile.mkstemp(prefix="candlewick-bench-", suffix=".log")[1])
     # One forward pass per request: the per-step token budget holds the largest batch.
     budget = max(batch_sizes) * seq_len
-    server = subprocess.Popen(
-        [str(binary), "serve", "--model", str(path), "--port", str(port),
-         "--max-batch-tokens", str(budget), "--max-request-tokens", str(max(budget, len(texts) * seq_len))],
-        env=env, stdout=log, stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
+    server = SpawnedServer(find_binary(None), str(path), [
+        "--max-batch-tokens", str(budget), "--max-request-tokens", str(max(budget, len(texts) * seq_len)),
+    ], log)
     try:
-        with httpx.Client(base_url=url, timeout=600) as client:
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    if client.get("/ready").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if server.poll() is not None or time.monotonic() > deadline:
-                    sys.exit(f"candlewick did not become ready; see {log.name}")
-                time.sleep(0.2)
+        server.wait_ready(120)
+        with httpx.Client(base_url=server.url, timeout=600) as client:
             results, outputs = [], None
             for batch in batch_sizes:
                 client.post("/v1/classify", json={"inputs": texts[:batch]}).raise_for_status()  # warm-up
@@ -156,8 +133,7 @@ def bench_candlewick(path: Path, texts, batch_sizes, threads, repeats, seq_len):
                 results.append({"batch": batch, "sequences_per_s": len(texts) / best})
             return results, outputs
     finally:
-        server.terminate()
-        server.wait(timeout=60)
+        server.stop()
 
 
 def main():

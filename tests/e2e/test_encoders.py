@@ -5,6 +5,7 @@ errors."""
 
 from __future__ import annotations
 
+import base64
 import json
 import struct
 from collections.abc import Iterator
@@ -21,7 +22,7 @@ from support import REPO_ROOT, REQUEST_TIMEOUT_S, STOP_TIMEOUT_S, Server, assert
 ENCODERS = REPO_ROOT / "tests" / "fixtures" / "encoders"
 SCORE_TOLERANCE = 1e-4
 
-# route -> (fixture, InferenceClient method)
+# head -> the fixture a server is started on
 TASKS = {
     "sequence-classification": ENCODERS / "mobilebert-nonorm-trigram" / "sequence-classification",
     "token-classification": ENCODERS / "mobilebert-layernorm" / "token-classification",
@@ -51,6 +52,15 @@ def servers(candlewick_bin: Path, log_dir: Path) -> Iterator[dict[str, Server]]:
 
 def cases(head: str) -> list[dict[str, Any]]:
     return json.loads((TASKS[head] / "pipeline.json").read_text(encoding="utf-8"))
+
+
+def post_case(server: Server, route: str, case: dict[str, Any]) -> Any:
+    """POSTs a pipeline case's inputs and parameters to a task route; returns the 200 answer."""
+    response = httpx.post(f"{server.url}/v1/{route}",
+                          json={"inputs": case["inputs"], "parameters": case["parameters"]},
+                          timeout=REQUEST_TIMEOUT_S)
+    assert response.status_code == 200, response.text
+    return response.json()
 
 
 def client_for(server: Server, route: str) -> InferenceClient:
@@ -104,12 +114,8 @@ def test_inference_client_text_classification(servers: dict[str, Server]) -> Non
 
 
 def test_classify_http_matches_every_pipeline_case(servers: dict[str, Server]) -> None:
-    url = f"{servers['sequence-classification'].url}/v1/classify"
     for case in cases("sequence-classification"):
-        response = httpx.post(url, json={"inputs": case["inputs"], "parameters": case["parameters"]},
-                              timeout=REQUEST_TIMEOUT_S)
-        assert response.status_code == 200, response.text
-        got = response.json()
+        got = post_case(servers["sequence-classification"], "classify", case)
         expected = case["output"]
         if not isinstance(case["inputs"], list):
             # One input is answered as a list holding its result, as the Inference API does.
@@ -119,13 +125,10 @@ def test_classify_http_matches_every_pipeline_case(servers: dict[str, Server]) -
 
 def test_inference_client_token_classification(servers: dict[str, Server]) -> None:
     client = client_for(servers["token-classification"], "token-classify")
-    url = f"{servers['token-classification'].url}/v1/token-classify"
     for case in cases("token-classification"):
         params = case["parameters"]
-        response = httpx.post(url, json={"inputs": case["inputs"], "parameters": params},
-                              timeout=REQUEST_TIMEOUT_S)
-        assert response.status_code == 200, response.text
-        assert_same(response.json(), case["output"], f"token-classify {params}")
+        got = post_case(servers["token-classification"], "token-classify", case)
+        assert_same(got, case["output"], f"token-classify {params}")
         if isinstance(case["inputs"], str):
             got = client.token_classification(
                 case["inputs"], aggregation_strategy=params.get("aggregation_strategy"),
@@ -146,13 +149,9 @@ def test_inference_client_question_answering(servers: dict[str, Server]) -> None
 
 def test_inference_client_fill_mask(servers: dict[str, Server]) -> None:
     client = client_for(servers["masked-lm"], "fill-mask")
-    url = f"{servers['masked-lm'].url}/v1/fill-mask"
     for case in cases("masked-lm"):
         params = case["parameters"]
-        response = httpx.post(url, json={"inputs": case["inputs"], "parameters": params},
-                              timeout=REQUEST_TIMEOUT_S)
-        assert response.status_code == 200, response.text
-        assert_same(response.json(), case["output"], f"fill-mask {params}")
+        assert_same(post_case(servers["masked-lm"], "fill-mask", case), case["output"], f"fill-mask {params}")
         if case["inputs"].count("[MASK]") == 1:
             got = client.fill_mask(case["inputs"], top_k=params.get("top_k"), targets=params.get("targets"))
             assert_same(as_plain(got), case["output"], f"client fill-mask {params}")
@@ -194,8 +193,6 @@ def test_openai_embeddings_equal_transformers_mean_pooling(servers: dict[str, Se
     raw = httpx.post(f"{servers['base'].url}/v1/embeddings",
                      json={"model": "base", "input": inputs[:1], "encoding_format": "base64"},
                      timeout=REQUEST_TIMEOUT_S).json()
-    import base64
-
     decoded = struct.unpack(f"<{width}f", base64.b64decode(raw["data"][0]["embedding"]))
     assert max(abs(a - b) for a, b in zip(decoded, response.data[0].embedding)) <= 1e-6
 

@@ -10,7 +10,14 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from support import FIXTURE_DIR, expected_text, load_reference, load_tokenizer
+from support import (
+    FIXTURE_DIR,
+    REQUEST_TIMEOUT_S,
+    assert_error,
+    expected_text,
+    load_reference,
+    load_tokenizer,
+)
 
 MIXTRAL_DIR = FIXTURE_DIR.parent.parent / "mixtral" / "e4-w8-gqa2"
 
@@ -51,6 +58,12 @@ def test_decoder_classifiers_are_served_by_the_classify_route(spawn_server, name
     url = f"{server.url}/v1/classify"
     texts = [case["text"] for case in reference["cases"]]
 
+    def post(inputs, parameters=None) -> list:
+        body = {"inputs": inputs} if parameters is None else {"inputs": inputs, "parameters": parameters}
+        response = httpx.post(url, json=body, timeout=REQUEST_TIMEOUT_S)
+        assert response.status_code == 200, response.text
+        return response.json()
+
     def check(answer: list[dict], case: dict) -> None:
         scores = {item["label"]: item["score"] for item in answer}
         assert set(scores) == set(reference["labels"])
@@ -59,20 +72,17 @@ def test_decoder_classifiers_are_served_by_the_classify_route(spawn_server, name
         assert [item["score"] for item in answer] == sorted(scores.values(), reverse=True)
 
     for case in reference["cases"]:
-        response = httpx.post(url, json={"inputs": case["text"], "parameters": {"top_k": None}}, timeout=30)
-        assert response.status_code == 200, response.text
-        (answer,) = response.json()
+        (answer,) = post(case["text"], {"top_k": None})
         check(answer, case)
-    response = httpx.post(url, json={"inputs": texts, "parameters": {"top_k": None}}, timeout=30)
-    assert response.status_code == 200, response.text
-    answers = response.json()
+    answers = post(texts, {"top_k": None})
     assert len(answers) == len(texts)
     for answer, case in zip(answers, reference["cases"]):
         check(answer, case)
     # The best label alone by default, as the pipeline answers.
-    best = httpx.post(url, json={"inputs": texts[0]}, timeout=30).json()
+    best = post(texts[0])
     first = reference["cases"][0]["scores"]
     assert best[0][0]["label"] == reference["labels"][first.index(max(first))]
     # A classifier does not generate.
-    refused = httpx.post(f"{server.url}/v1/completions", json={"model": name, "prompt": "hi"}, timeout=30)
-    assert refused.status_code == 400 and "text-classification" in refused.json()["error"]["message"]
+    refused = httpx.post(f"{server.url}/v1/completions", json={"model": name, "prompt": "hi"},
+                         timeout=REQUEST_TIMEOUT_S)
+    assert_error(refused, 400, mentions=["text-classification"])

@@ -2,21 +2,24 @@
 //! of an encoder's forward pass.
 //!
 //! candle's GEMM runs 256-bit FMA kernels on CPUs that have 512-bit ones, packs the weight on
-//! every call, and adds the bias in a pass of its own. An encoder layer multiplies a few dozen to a few thousand rows by small
-//! weights, so both costs show. Here the weight is packed once at load ([`pack`], through
-//! [`crate::layers::Linear::into_batched_layout`]) into panels of 32 output columns, each
-//! `[k, 32]` and contiguous, so that the kernel streams it in order: a 12-row by 32-column tile of
-//! outputs lives in 24 registers while it accumulates over `k`, each step loading two weight
-//! vectors and broadcasting twelve inputs, and the bias seeds the accumulators (the last rows
-//! go through 4- and 1-row tiles). Without AVX-512 the same scheme runs on 256-bit registers:
-//! panels of 16 columns and tiles of 6 rows (12 accumulators, two weight vectors and a broadcast
-//! input fill 15 of the 16 registers). Panels are split across the rayon pool when the product
-//! is large enough to repay the fork.
+//! every call, and adds the bias in a pass of its own. An encoder layer multiplies a few dozen
+//! to a few thousand rows by small weights, so these costs show. Here the weight is packed once
+//! at load ([`pack`], through [`crate::layers::Linear::into_batched_layout`]) into panels of 32
+//! output columns, each `[k, 32]` and contiguous, so that the kernel streams it in order: a
+//! 12-row by 32-column tile of outputs lives in 24 registers while it accumulates over `k`, each
+//! step loading two weight vectors and broadcasting twelve inputs, and the bias seeds the
+//! accumulators (the last rows go through 4- and 1-row tiles). Without AVX-512 the same scheme
+//! runs on 256-bit registers: panels of 16 columns and tiles of 6 rows (12 accumulators, two
+//! weight vectors and a broadcast input fill 15 of the 16 registers). The rows come in blocks
+//! that stay in cache while every panel passes them; blocks by panels are split across the
+//! rayon pool when the product is large enough to repay the fork.
 //!
 //! Each output is one FMA chain over `k` in order, whatever the tile or the number of rows, so
 //! a sequence's outputs do not depend on which other sequences share its batch.
 
 use rayon::prelude::*;
+
+use crate::cpu_output::SharedOutput;
 
 /// Below this many multiply-adds a product runs on the calling thread: forking would cost more
 /// than it saves.
@@ -32,6 +35,16 @@ enum Kernel {
     Avx512,
     /// 256-bit registers with FMA: panels of 16 columns.
     Avx2,
+}
+
+impl Kernel {
+    /// Output columns per register tile and per packed panel: two vectors.
+    const fn panel_columns(self) -> usize {
+        match self {
+            Self::Avx512 => 32,
+            Self::Avx2 => 16,
+        }
+    }
 }
 
 fn kernel() -> Option<Kernel> {
@@ -62,15 +75,18 @@ pub fn available() -> bool {
     kernel().is_some()
 }
 
-/// Output columns per register tile and per packed panel on this CPU: two vectors.
-pub fn panel_columns() -> usize {
-    match kernel() {
-        Some(Kernel::Avx512) => 32,
-        _ => 16,
-    }
+/// Output columns per register tile and per packed panel on this CPU. Panics where the kernel
+/// is not [`available`].
+fn panel_columns() -> usize {
+    expect_kernel().panel_columns()
 }
 
-/// Floats in the packed form of a weight with `n` outputs and `k` inputs.
+fn expect_kernel() -> Kernel {
+    kernel().expect("cpu_gemm needs AVX-512F, or AVX2 and FMA")
+}
+
+/// Floats in the packed form of a weight with `n` outputs and `k` inputs, where the kernel is
+/// [`available`].
 pub fn packed_len(n: usize, k: usize) -> usize {
     n.div_ceil(panel_columns()) * k * panel_columns()
 }
@@ -101,15 +117,15 @@ pub fn matmul_bias(
     n: usize,
     bias: Option<&[f32]>,
 ) -> Vec<f32> {
-    let kernel = kernel().expect("cpu_gemm needs AVX-512F, or AVX2 and FMA");
+    let kernel = expect_kernel();
     assert_eq!(x.len(), m * k);
     assert_eq!(packed.len(), packed_len(n, k));
     if let Some(bias) = bias {
         assert_eq!(bias.len(), n);
     }
     let mut y = vec![0f32; m * n];
-    let out = OutPtr(y.as_mut_ptr());
-    let panels = n.div_ceil(panel_columns());
+    let out = SharedOutput::new(&mut y, n);
+    let panels = n.div_ceil(kernel.panel_columns());
     // Work comes in blocks of rows by panels, a block's panels one after another, so that the
     // block's rows of `x` stay in cache while every panel streams past them.
     let blocks = m.div_ceil(ROW_BLOCK);
@@ -122,7 +138,7 @@ pub fn matmul_bias(
         // the kernel masks the columns past `n`, and jobs write disjoint parts of `y`.
         #[cfg(target_arch = "x86_64")]
         unsafe {
-            let out = out.offset(first * n);
+            let out = out.at(first, 0);
             match kernel {
                 Kernel::Avx512 => x86::panel(x, rows, packed, k, n, bias, panel, out),
                 Kernel::Avx2 => x86_avx2::panel(x, rows, packed, k, n, bias, panel, out),
@@ -138,30 +154,12 @@ pub fn matmul_bias(
     y
 }
 
-/// The output's base pointer, shared by jobs that write disjoint parts of it.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// Safety: each job writes only its own rows and columns of the output.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    /// The output from element `count` on.
-    ///
-    /// # Safety
-    /// `count` must lie inside the output.
-    unsafe fn offset(self, count: usize) -> Self {
-        Self(self.0.add(count))
-    }
-}
-
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::OutPtr;
+    use super::{Kernel, SharedOutput};
     use std::arch::x86_64::*;
 
-    /// Output columns of a panel: two 512-bit vectors.
-    const PANEL_COLUMNS: usize = 32;
+    const PANEL_COLUMNS: usize = Kernel::Avx512.panel_columns();
 
     /// Panel `index` of every output row.
     ///
@@ -177,7 +175,7 @@ mod x86 {
         n: usize,
         bias: Option<&[f32]>,
         index: usize,
-        out: OutPtr,
+        out: SharedOutput,
     ) {
         let first = index * PANEL_COLUMNS;
         let width = PANEL_COLUMNS.min(n - first);
@@ -196,7 +194,7 @@ mod x86 {
             masks,
             seed,
         };
-        let out = out.0.add(first);
+        let out = out.at(0, first).ptr();
         let x = x.as_ptr();
         let mut row = 0;
         // Twelve rows at a time, then fours, then ones: every tile computes each output the
@@ -285,11 +283,10 @@ mod x86 {
 
 #[cfg(target_arch = "x86_64")]
 mod x86_avx2 {
-    use super::OutPtr;
+    use super::{Kernel, SharedOutput};
     use std::arch::x86_64::*;
 
-    /// Output columns of a panel: two 256-bit vectors.
-    const PANEL_COLUMNS: usize = 16;
+    const PANEL_COLUMNS: usize = Kernel::Avx2.panel_columns();
 
     /// Panel `index` of every output row.
     ///
@@ -305,7 +302,7 @@ mod x86_avx2 {
         n: usize,
         bias: Option<&[f32]>,
         index: usize,
-        out: OutPtr,
+        out: SharedOutput,
     ) {
         let first = index * PANEL_COLUMNS;
         let width = PANEL_COLUMNS.min(n - first);
@@ -326,7 +323,7 @@ mod x86_avx2 {
             masks,
             seed,
         };
-        let out = out.0.add(first);
+        let out = out.at(0, first).ptr();
         let x = x.as_ptr();
         let mut row = 0;
         // Six rows at a time, then fours, then ones: every tile computes each output the same

@@ -6,10 +6,13 @@
 //! matrix, and dotted with a few rows of `x` at a time from registers (a tile of weight rows by
 //! rows of `x`, so that each load feeds several FMAs once a batch decodes together), while the
 //! next weight rows are already being fetched; weight rows are split across the rayon pool and
-//! results written in place. Each output is the same dot product in the same order whatever the number of
-//! rows, so a sequence's logits do not depend on which other sequences share its decode batch.
+//! results written in place. Each output is the same dot product in the same order whatever the
+//! number of rows, so a sequence's logits do not depend on which other sequences share its decode
+//! batch.
 
 use rayon::prelude::*;
+
+use crate::cpu_output::SharedOutput;
 
 /// Up to this many rows of `x` take this path; more go to the GEMM, which wins once the
 /// arithmetic per weight byte grows (measured by `candlewick bench` on the ~100M Mistral: at 48
@@ -26,10 +29,7 @@ pub fn matmul_transposed(x: &[f32], rows: usize, w: &[f32], n: usize, k: usize) 
     assert_eq!(w.len(), n * k);
     let kernel = kernel();
     let mut y = vec![0f32; rows * n];
-    let out = Outputs {
-        ptr: y.as_mut_ptr(),
-        stride: n,
-    };
+    let out = SharedOutput::new(&mut y, n);
     (0..n.div_ceil(ROWS_PER_TASK))
         .into_par_iter()
         .for_each(|task| {
@@ -43,46 +43,11 @@ pub fn matmul_transposed(x: &[f32], rows: usize, w: &[f32], n: usize, k: usize) 
                     rows,
                     &w[first * k..(first + count) * k],
                     k,
-                    out.at_column(first),
+                    out.at(0, first),
                 )
             };
         });
     y
-}
-
-/// Where a kernel writes: row `i`, column `j` of the output is `ptr[i * stride + j]`. Tasks
-/// share the output's base and write disjoint columns.
-#[derive(Clone, Copy)]
-struct Outputs {
-    ptr: *mut f32,
-    stride: usize,
-}
-
-// Safety: every task writes only its own columns (see `matmul_transposed`).
-unsafe impl Send for Outputs {}
-unsafe impl Sync for Outputs {}
-
-impl Outputs {
-    /// The outputs from column `j` on.
-    ///
-    /// # Safety
-    /// `j` must be a column of the output.
-    #[inline(always)]
-    unsafe fn at_column(self, j: usize) -> Self {
-        Self {
-            ptr: self.ptr.add(j),
-            stride: self.stride,
-        }
-    }
-
-    /// Stores `value` at row `i`, column `j`.
-    ///
-    /// # Safety
-    /// The position must lie inside the output and belong to the calling task.
-    #[inline(always)]
-    unsafe fn write(self, i: usize, j: usize, value: f32) {
-        *self.ptr.add(i * self.stride + j) = value;
-    }
 }
 
 /// Writes `dot(x[i], w[j])` at row `i`, column `j` of `out` for every row of `x` and weight row
@@ -91,7 +56,7 @@ impl Outputs {
 /// # Safety
 /// `out` must hold `rows` rows of at least as many columns as `w` has weight rows, and the CPU
 /// must support the kernel's instructions.
-type Kernel = unsafe fn(&[f32], usize, &[f32], usize, Outputs);
+type Kernel = unsafe fn(&[f32], usize, &[f32], usize, SharedOutput);
 
 fn kernel() -> Kernel {
     static KERNEL: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
@@ -113,44 +78,52 @@ fn kernel() -> Kernel {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::Outputs;
+    use super::SharedOutput;
     use std::arch::x86_64::*;
 
-    /// # Safety
-    /// The CPU must support AVX-512F.
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn dot_rows_avx512(x: &[f32], rows: usize, w: &[f32], k: usize, out: Outputs) {
-        let n = w.len() / k;
-        let mut j = 0;
-        while j + 4 <= n {
-            weight_rows::<4>(x, rows, &w[j * k..(j + 4) * k], k, out.at_column(j));
-            j += 4;
-        }
-        while j < n {
-            weight_rows::<1>(x, rows, &w[j * k..(j + 1) * k], k, out.at_column(j));
-            j += 1;
-        }
+    /// Defines `$name`, a [`super::Kernel`] that covers every weight row of `w` and row of `x`
+    /// with `$tile` tiles: weight rows `$weights` at a time (the rest one by one), rows of `x` in
+    /// the listed heights, largest first.
+    macro_rules! dot_rows {
+        ($name:ident, $feature:literal, $tile:ident, $weights:literal, [$($height:literal),*]) => {
+            #[doc = concat!("# Safety\nThe CPU must support ", $feature, "; sizes as for a Kernel.")]
+            #[target_feature(enable = $feature)]
+            #[allow(clippy::int_plus_one)] // `i + height <= rows` for every height, 1 included
+            pub unsafe fn $name(x: &[f32], rows: usize, w: &[f32], k: usize, out: SharedOutput) {
+                /// `W` weight rows against every row of `x`.
+                #[target_feature(enable = $feature)]
+                unsafe fn weight_rows<const W: usize>(
+                    x: &[f32],
+                    rows: usize,
+                    w: &[f32],
+                    k: usize,
+                    out: SharedOutput,
+                ) {
+                    let mut i = 0;
+                    $(
+                        while i + $height <= rows {
+                            $tile::<W, $height>(x, i, w, k, out);
+                            i += $height;
+                        }
+                    )*
+                }
+                let n = w.len() / k;
+                let mut j = 0;
+                while j + $weights <= n {
+                    let block = &w[j * k..(j + $weights) * k];
+                    weight_rows::<$weights>(x, rows, block, k, out.at(0, j));
+                    j += $weights;
+                }
+                while j < n {
+                    weight_rows::<1>(x, rows, &w[j * k..(j + 1) * k], k, out.at(0, j));
+                    j += 1;
+                }
+            }
+        };
     }
 
-    /// `W` weight rows against every row of `x`, four rows of `x` at a time.
-    #[target_feature(enable = "avx512f")]
-    unsafe fn weight_rows<const W: usize>(
-        x: &[f32],
-        rows: usize,
-        w: &[f32],
-        k: usize,
-        out: Outputs,
-    ) {
-        let mut i = 0;
-        while i + 4 <= rows {
-            tile::<W, 4>(x, i, w, k, out);
-            i += 4;
-        }
-        while i < rows {
-            tile::<W, 1>(x, i, w, k, out);
-            i += 1;
-        }
-    }
+    dot_rows!(dot_rows_avx512, "avx512f", tile, 4, [4, 1]);
+    dot_rows!(dot_rows_avx2, "avx2,fma", tile_avx2, 3, [3, 2, 1]);
 
     /// A `W x X` tile of outputs held in registers: each step loads `W + X` vectors for `W * X`
     /// FMAs. Every output is accumulated in the same order whatever the tile, so results do not
@@ -162,7 +135,7 @@ mod x86 {
         first: usize,
         w: &[f32],
         k: usize,
-        out: Outputs,
+        out: SharedOutput,
     ) {
         const WIDTH: usize = 16;
         let vector_k = k - k % WIDTH;
@@ -194,46 +167,6 @@ mod x86 {
         }
     }
 
-    /// # Safety
-    /// The CPU must support AVX2 and FMA.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot_rows_avx2(x: &[f32], rows: usize, w: &[f32], k: usize, out: Outputs) {
-        let n = w.len() / k;
-        let mut j = 0;
-        while j + 3 <= n {
-            weight_rows_avx2::<3>(x, rows, &w[j * k..(j + 3) * k], k, out.at_column(j));
-            j += 3;
-        }
-        while j < n {
-            weight_rows_avx2::<1>(x, rows, &w[j * k..(j + 1) * k], k, out.at_column(j));
-            j += 1;
-        }
-    }
-
-    /// `W` weight rows against every row of `x`, three rows of `x` at a time.
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn weight_rows_avx2<const W: usize>(
-        x: &[f32],
-        rows: usize,
-        w: &[f32],
-        k: usize,
-        out: Outputs,
-    ) {
-        let mut i = 0;
-        while i + 3 <= rows {
-            tile_avx2::<W, 3>(x, i, w, k, out);
-            i += 3;
-        }
-        if i + 2 == rows {
-            tile_avx2::<W, 2>(x, i, w, k, out);
-            i += 2;
-        }
-        while i < rows {
-            tile_avx2::<W, 1>(x, i, w, k, out);
-            i += 1;
-        }
-    }
-
     /// A `W x X` tile of outputs in 256-bit registers (at most 3 x 3: nine accumulators, three
     /// inputs and a weight vector fit the sixteen registers), each step loading `W + X` vectors
     /// for `W * X` FMAs. Every output is accumulated and reduced in the same order whatever the
@@ -245,7 +178,7 @@ mod x86 {
         first: usize,
         w: &[f32],
         k: usize,
-        out: Outputs,
+        out: SharedOutput,
     ) {
         const WIDTH: usize = 8;
         let vector_k = k - k % WIDTH;
@@ -290,7 +223,7 @@ mod x86 {
 ///
 /// # Safety
 /// As [`Kernel`].
-unsafe fn dot_rows(x: &[f32], rows: usize, w: &[f32], k: usize, out: Outputs) {
+unsafe fn dot_rows(x: &[f32], rows: usize, w: &[f32], k: usize, out: SharedOutput) {
     for (j, weights) in w.chunks_exact(k).enumerate() {
         for (i, input) in x.chunks_exact(k).take(rows).enumerate() {
             out.write(i, j, input.iter().zip(weights).map(|(a, b)| a * b).sum());

@@ -24,7 +24,8 @@ enum WeightLayout {
     Rows,
     /// [`cpu_gemm::pack`]ed panels of `out_dim` outputs (CPU, f32, AVX-512 or AVX2).
     Panels { out_dim: usize },
-    /// `[in, out]`, contiguous (CPU, f32, neither AVX-512 nor AVX2): what candle's GEMM reads best.
+    /// `[in, out]`, contiguous (CPU, f32, neither AVX-512 nor AVX2): what candle's GEMM reads
+    /// best.
     Transposed,
 }
 
@@ -77,11 +78,11 @@ impl Linear {
 
     /// Stores the weight in the layout in which many rows are multiplied at once on CPU, and
     /// uses it for every forward whatever the number of rows: packed panels read by
-    /// [`cpu_gemm`] where the CPU has AVX-512 or AVX2 and FMA, the transposed weight read by candle's GEMM
-    /// elsewhere. For encoders, whose every forward is a batch of whole sequences; decoders keep
-    /// the row layout that their decode steps read fastest. The weight's memory is held once
-    /// in the new layout (twice when it is shared, as tied embeddings are). A no-op off CPU and
-    /// for other dtypes than f32.
+    /// [`cpu_gemm`] where the CPU has AVX-512 or AVX2 and FMA, the transposed weight read by
+    /// candle's GEMM elsewhere. For encoders, whose every forward is a batch of whole sequences;
+    /// decoders keep the row layout that their decode steps read fastest. The weight's memory is
+    /// held once in the new layout (twice when it is shared, as tied embeddings are). A no-op
+    /// off CPU and for other dtypes than f32.
     pub fn into_batched_layout(self) -> Result<Self> {
         if self.layout != WeightLayout::Rows
             || !self.weight.device().is_cpu()

@@ -7,6 +7,7 @@ pub mod classification;
 pub mod cpu_attention;
 pub mod cpu_gemm;
 pub mod cpu_matmul;
+mod cpu_output;
 pub mod detokenizer;
 pub mod encoder;
 pub mod encoder_heads;

@@ -454,10 +454,11 @@ impl MistralForSequenceClassification {
     }
 }
 
-impl SequenceClassifier for MistralForSequenceClassification {
-    fn classify(&self, sequences: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
-        let longest = sequences.iter().map(Vec::len).max().unwrap_or(0);
-        if sequences.is_empty() || sequences.iter().any(Vec::is_empty) {
+impl MistralForSequenceClassification {
+    /// Raw logits, one row per sequence, the sequences run as one left-padded batch.
+    fn logits(&self, sequences: &[&[u32]]) -> Result<Vec<Vec<f32>>> {
+        let longest = sequences.iter().map(|s| s.len()).max().unwrap_or(0);
+        if sequences.is_empty() || sequences.iter().any(|s| s.is_empty()) {
             return Err(EngineError::InvalidRequest(
                 "every text needs at least one token".into(),
             ));
@@ -477,7 +478,7 @@ impl SequenceClassifier for MistralForSequenceClassification {
         let rows: Vec<StepRow> = slots
             .iter()
             .zip(sequences)
-            .map(|(&slot, tokens)| StepRow { slot, tokens })
+            .map(|(&slot, &tokens)| StepRow { slot, tokens })
             .collect();
         let batch = StepBatch::new(
             &rows,
@@ -500,6 +501,13 @@ impl SequenceClassifier for MistralForSequenceClassification {
             .forward(&Tensor::stack(&pooled, 0)?)?
             .to_dtype(DType::F32)?;
         Ok(logits.to_vec2()?)
+    }
+}
+
+impl SequenceClassifier for MistralForSequenceClassification {
+    fn classify(&self, sequences: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
+        let sequences: Vec<&[u32]> = sequences.iter().map(Vec::as_slice).collect();
+        self.logits(&sequences)
     }
 
     fn labels(&self) -> &Labels {
@@ -527,7 +535,7 @@ impl EncoderModel for MistralForSequenceClassification {
     }
 
     fn forward(&self, inputs: &[EncoderInput]) -> Result<EncoderOutput> {
-        let sequences: Vec<Vec<u32>> = inputs.iter().map(|input| input.ids.clone()).collect();
-        Ok(EncoderOutput::Sequences(self.classify(&sequences)?))
+        let sequences: Vec<&[u32]> = inputs.iter().map(|input| input.ids.as_slice()).collect();
+        Ok(EncoderOutput::Sequences(self.logits(&sequences)?))
     }
 }
