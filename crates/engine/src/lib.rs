@@ -2,32 +2,23 @@
 //! No async and no HTTP: the scheduler drives it from its own thread.
 
 pub mod attention;
-pub mod batch;
-pub mod classification;
-pub mod cpu_attention;
-pub mod cpu_gemm;
-pub mod cpu_matmul;
-mod cpu_output;
+pub mod decoder;
 pub mod detokenizer;
 pub mod encoder;
-pub mod encoder_heads;
-pub mod encoder_layers;
 pub mod error;
-pub mod generator;
-pub mod kv_cache;
+pub mod kernels;
 pub mod layers;
 pub mod loader;
 pub mod models;
-pub mod moe;
 pub mod sampling;
 pub mod tokenizer;
 
-pub use batch::StepRow;
+pub use decoder::generator::{Generator, GeneratorConfig};
+pub use decoder::step::StepRow;
+pub use decoder::LogitsMode;
 pub use encoder::{EncoderInput, EncoderModel, EncoderOutput, EncoderTask};
 pub use error::{EngineError, Result};
-pub use generator::{Generator, GeneratorConfig};
 pub use loader::{ModelFiles, ModelSource};
-pub use models::LogitsMode;
 pub use tokenizer::Tokenizer;
 
 use candle_core::{DType, Device};
@@ -66,7 +57,7 @@ pub struct LoadedGenerator {
 /// A sequence classifier ready to score texts, with its tokenizer.
 pub struct LoadedClassifier {
     /// The model.
-    pub classifier: Box<dyn classification::SequenceClassifier>,
+    pub classifier: Box<dyn encoder::labels::SequenceClassifier>,
     /// The model's tokenizer.
     pub tokenizer: Tokenizer,
     /// The architecture config.json named.

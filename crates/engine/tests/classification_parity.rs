@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use candlewick_engine::classification::ScoreFunction;
+use candlewick_engine::encoder::labels::ScoreFunction;
 use candlewick_engine::{load_classifier, LoadOptions, ModelSource};
 use serde::Deserialize;
 

@@ -12,7 +12,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use candlewick_engine::classification::Labels;
+use candlewick_engine::encoder::labels::Labels;
 use candlewick_engine::encoder::{EncoderInput, EncoderModel, EncoderOutput, EncoderTask};
 use tokio::sync::oneshot;
 

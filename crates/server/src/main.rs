@@ -1,9 +1,6 @@
 //! `candlewick`: serve and run Hugging Face checkpoints.
 
-mod bench;
-mod classify;
-mod generate;
-mod serve;
+mod cli;
 
 use std::io::IsTerminal;
 
@@ -11,6 +8,8 @@ use anyhow::{bail, Result};
 use candle_core::{DType, Device};
 use candlewick_engine::ModelSource;
 use clap::{Parser, Subcommand};
+
+use cli::{bench, classify, generate, serve};
 
 #[derive(Debug, Parser)]
 #[command(

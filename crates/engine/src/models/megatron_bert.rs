@@ -8,17 +8,19 @@ use candle_nn::{Embedding, VarBuilder};
 use serde::Deserialize;
 
 use crate::attention::GroupedQueryAttention;
-use crate::batch::StepBatch;
-use crate::classification::Labels;
-use crate::encoder::EncoderTask;
-use crate::encoder_heads::{
+use crate::decoder::state::kv_ring::{CacheShape, KvCache};
+use crate::decoder::step::StepBatch;
+use crate::decoder::{CausalLm, LogitsMode};
+use crate::encoder::batch::{InputLimits, PaddedBatch};
+use crate::encoder::heads::{
     base_model_vb, EncoderBody, EncoderWithHead, HeadParts, LmPredictionHead, Pooler,
 };
-use crate::encoder_layers::{dense, HiddenAct, InputLimits, Norm, PaddedBatch, SelfAttention};
+use crate::encoder::labels::Labels;
+use crate::encoder::layers::{dense, SelfAttention};
+use crate::encoder::EncoderTask;
 use crate::error::{EngineError, Result};
-use crate::kv_cache::{CacheShape, KvCache};
 use crate::layers::Linear;
-use crate::models::{CausalLm, LogitsMode};
+use crate::layers::{HiddenAct, Norm};
 
 fn default_vocab_size() -> usize {
     29056

@@ -6,14 +6,15 @@ use candle_nn::{Activation, Embedding, VarBuilder};
 use serde::Deserialize;
 
 use crate::attention::GroupedQueryAttention;
-use crate::batch::{StepBatch, StepRow};
-use crate::classification::{Labels, SequenceClassifier};
+use crate::decoder::state::kv_ring::{CacheShape, KvCache, LayerCache};
+use crate::decoder::step::{StepBatch, StepRow};
+use crate::decoder::{CausalLm, LogitsMode};
+use crate::encoder::labels::{Labels, SequenceClassifier};
 use crate::encoder::{EncoderInput, EncoderModel, EncoderOutput, EncoderTask};
 use crate::error::{EngineError, Result};
-use crate::kv_cache::{CacheShape, KvCache, LayerCache};
+use crate::layers::SparseMoe;
 use crate::layers::{GatedMlp, Linear, RmsNorm, RotaryEmbedding, RotaryTables};
-use crate::models::{refuse_if_set, CausalLm, LogitsMode};
-use crate::moe::SparseMoe;
+use crate::models::refuse_if_set;
 
 fn default_kv_heads() -> usize {
     8

@@ -5,16 +5,16 @@ use candle_core::{Module, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 use serde::Deserialize;
 
-use crate::classification::Labels;
-use crate::encoder::EncoderTask;
-use crate::encoder_heads::{
+use crate::encoder::batch::{InputLimits, PaddedBatch};
+use crate::encoder::heads::{
     base_model_vb, EncoderBody, EncoderWithHead, HeadParts, LmPredictionHead, Pooler,
 };
-use crate::encoder_layers::{
-    dense, DenseNorm, HiddenAct, InputLimits, Norm, NormKind, PaddedBatch, SelfAttention,
-};
+use crate::encoder::labels::Labels;
+use crate::encoder::layers::{dense, DenseNorm, SelfAttention};
+use crate::encoder::EncoderTask;
 use crate::error::{EngineError, Result};
 use crate::layers::Linear;
+use crate::layers::{HiddenAct, Norm, NormKind};
 
 /// The LayerNorm epsilon of the blocks that transformers builds without passing
 /// `layer_norm_eps` (the embeddings' norm and `MobileBertOutput`'s): torch's default.

@@ -5,37 +5,13 @@ pub mod mistral;
 pub mod mixtral;
 pub mod mobilebert;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 
-use crate::batch::StepBatch;
-use crate::classification::{Labels, SequenceClassifier};
+use crate::decoder::CausalLm;
+use crate::encoder::labels::{Labels, SequenceClassifier};
 use crate::encoder::{EncoderModel, EncoderTask};
 use crate::error::{EngineError, Result};
-use crate::kv_cache::{CacheShape, KvCache};
-
-/// Which positions of a step the model computes logits for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogitsMode {
-    /// The last column only (`[batch, vocab]`): every row's newest token, since rows are
-    /// left-padded. What generation needs.
-    Last,
-    /// Every column (`[batch, seq, vocab]`), padding included.
-    All,
-}
-
-/// A decoder that generates text over the rolling KV cache.
-pub trait CausalLm: Send {
-    /// The cache the model needs.
-    fn cache_shape(&self) -> CacheShape;
-    /// Size of the output vocabulary.
-    fn vocab_size(&self) -> usize;
-    /// The context the model was trained for; the default bound of a sequence's length.
-    fn max_position_embeddings(&self) -> usize;
-    /// One forward step: appends the batch's tokens to their slots' caches and returns f32
-    /// logits.
-    fn forward(&self, batch: &StepBatch, cache: &KvCache, logits: LogitsMode) -> Result<Tensor>;
-}
 
 /// The causal-LM architectures Candlewick serves, as named in config.json's `architectures`.
 pub const SUPPORTED_CAUSAL_LMS: &[&str] = &[

@@ -8,7 +8,7 @@
 //! - with `top_k` (a number, or null for all) each input gets its labels sorted by score, at most
 //!   `top_k`, and a single input is answered with that list.
 
-use candlewick_engine::classification::{Labels, ScoreFunction};
+use candlewick_engine::encoder::labels::{Labels, ScoreFunction};
 use candlewick_scheduler::{EncodedSequence, EncoderInfo};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;

@@ -5,7 +5,7 @@
 //! overlapping windows and the entities of all windows are merged, longest (then best) first
 //! where they overlap.
 
-use candlewick_engine::classification::Labels;
+use candlewick_engine::encoder::labels::Labels;
 use candlewick_scheduler::{EncodedSequence, EncoderInfo};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -580,7 +580,7 @@ fn merge_overlapping(mut entities: Vec<Entity>) -> Vec<Entity> {
 mod tests {
     use super::*;
     use crate::pipelines::tokenizer::tests::bert_tokenizer;
-    use candlewick_engine::classification::ScoreFunction;
+    use candlewick_engine::encoder::labels::ScoreFunction;
     use candlewick_engine::encoder::EncoderTask;
     use serde_json::json;
 

@@ -2,10 +2,10 @@
 
 use candle_core::{Device, Tensor};
 
-use crate::batch::{StepBatch, StepRow};
+use crate::decoder::state::kv_ring::KvCache;
+use crate::decoder::step::{StepBatch, StepRow};
+use crate::decoder::{CausalLm, LogitsMode};
 use crate::error::{EngineError, Result};
-use crate::kv_cache::KvCache;
-use crate::models::{CausalLm, LogitsMode};
 
 /// How a [`Generator`] sizes its cache and steps.
 #[derive(Debug, Clone)]

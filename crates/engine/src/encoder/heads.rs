@@ -6,11 +6,13 @@
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::VarBuilder;
 
-use crate::classification::Labels;
+use crate::encoder::batch::{InputLimits, PaddedBatch};
+use crate::encoder::labels::Labels;
+use crate::encoder::layers::dense;
 use crate::encoder::{EncoderInput, EncoderModel, EncoderOutput, EncoderTask};
-use crate::encoder_layers::{dense, HiddenAct, InputLimits, Norm, PaddedBatch};
 use crate::error::{EngineError, Result};
 use crate::layers::Linear;
+use crate::layers::{HiddenAct, Norm};
 
 /// The part of an encoder below its head: a padded batch in, the last hidden states
 /// `[batch, seq_len, hidden]` out.

@@ -2,11 +2,11 @@
 
 use candle_core::{DType, Storage, Tensor};
 
-use crate::cpu_attention;
+use crate::kernels::cpu::attention as cpu_attention;
 
-use crate::batch::StepBatch;
+use crate::decoder::state::kv_ring::LayerCache;
+use crate::decoder::step::StepBatch;
 use crate::error::Result;
-use crate::kv_cache::LayerCache;
 
 /// Scaled dot-product attention of `num_heads` query heads over `num_kv_heads` key/value heads
 /// (query head `i` reads kv head `i / (num_heads / num_kv_heads)`, as transformers' `repeat_kv`).
@@ -182,8 +182,8 @@ fn with_ring(ring: &Tensor, new: &Tensor, batch: &StepBatch) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::batch::StepRow;
-    use crate::kv_cache::{CacheShape, KvCache};
+    use crate::decoder::state::kv_ring::{CacheShape, KvCache};
+    use crate::decoder::step::StepRow;
     use candle_core::Device;
 
     /// Runs the same steps through both implementations on twin caches; they must agree at every

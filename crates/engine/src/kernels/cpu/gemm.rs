@@ -19,7 +19,7 @@
 
 use rayon::prelude::*;
 
-use crate::cpu_output::SharedOutput;
+use crate::kernels::cpu::output::SharedOutput;
 
 /// Below this many multiply-adds a product runs on the calling thread: forking would cost more
 /// than it saves.

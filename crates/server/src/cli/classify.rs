@@ -1,7 +1,7 @@
 //! `candlewick classify`: a sequence classifier from the command line.
 
 use anyhow::{bail, Result};
-use candlewick_engine::classification::ScoreFunction;
+use candlewick_engine::encoder::labels::ScoreFunction;
 use candlewick_engine::{load_classifier, LoadOptions};
 
 use crate::ModelArgs;

@@ -3,8 +3,8 @@
 
 use candle_core::{Device, Tensor};
 
+use crate::decoder::state::kv_ring::KvCache;
 use crate::error::{EngineError, Result};
-use crate::kv_cache::KvCache;
 
 /// A sequence's part of a step: its slot and the tokens it appends.
 #[derive(Debug, Clone, Copy)]
@@ -151,7 +151,7 @@ impl StepBatch {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kv_cache::CacheShape;
+    use crate::decoder::state::kv_ring::CacheShape;
     use candle_core::DType;
 
     fn visible(batch: &StepBatch) -> Vec<Vec<Vec<bool>>> {

@@ -5,7 +5,12 @@
 //! trimmed to each sequence's own length; what the outputs mean to a user (labels, spans, masks
 //! filled) is the server's pipelines' business.
 
-use crate::classification::Labels;
+pub mod batch;
+pub mod heads;
+pub mod labels;
+pub mod layers;
+
+use crate::encoder::labels::Labels;
 use crate::error::Result;
 
 /// What an encoder checkpoint's head computes.

@@ -12,7 +12,7 @@
 
 use rayon::prelude::*;
 
-use crate::cpu_output::SharedOutput;
+use crate::kernels::cpu::output::SharedOutput;
 
 /// Up to this many rows of `x` take this path; more go to the GEMM, which wins once the
 /// arithmetic per weight byte grows (measured by `candlewick bench` on the ~100M Mistral: at 48

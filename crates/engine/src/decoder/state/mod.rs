@@ -1,0 +1,3 @@
+//! What a sequence keeps between steps.
+
+pub mod kv_ring;
