@@ -47,6 +47,10 @@ pub enum EngineError {
     #[error("sequence of {tokens} tokens exceeds the maximum context of {max_context} tokens")]
     ContextOverflow { tokens: usize, max_context: usize },
 
+    /// The engine broke one of its own invariants: a bug, never the request's fault.
+    #[error("internal engine error: {0}")]
+    Internal(String),
+
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

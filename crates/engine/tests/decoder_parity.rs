@@ -281,10 +281,7 @@ fn greedy_generation_matches_transformers_alone_and_batched() {
                 "{fixture}: prompt {i} batched vs alone"
             );
         }
-        assert_eq!(
-            loaded.generator.cache().free_slots(),
-            reference.prompts.len()
-        );
+        assert_eq!(loaded.generator.free_slots(), reference.prompts.len());
     }
 }
 
@@ -321,13 +318,13 @@ fn a_sequence_generating_ten_windows_holds_at_most_a_window_and_matches_a_full_r
         sequence.push(token);
         logits = generator.decode(&[(slot, token)]).unwrap().remove(0);
         decoded_logits.push(logits.clone());
-        assert!(generator.cache().held_positions(slot).unwrap() <= window);
-        let layer = generator.cache().layer(0);
-        assert_eq!(layer.keys.dims()[2], window, "ring capacity");
-        assert_eq!(layer.values.dims()[2], window, "ring capacity");
+        assert!(generator.state().held_positions(0, slot).unwrap() <= window);
+        let ring = generator.state().ring(0).unwrap();
+        assert_eq!(ring.keys.dims()[2], window, "ring capacity");
+        assert_eq!(ring.values.dims()[2], window, "ring capacity");
     }
     assert_eq!(
-        generator.cache().len(slot).unwrap(),
+        generator.state().len(slot).unwrap(),
         prompt.len() + 10 * window
     );
 

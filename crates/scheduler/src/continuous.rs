@@ -286,7 +286,7 @@ impl EngineLoop {
                 Err(_) => return false,
             };
         }
-        while self.generator.cache().free_slots() > 0 {
+        while self.generator.free_slots() > 0 {
             let Some(pending) = queue.waiting.pop_front() else {
                 break;
             };
@@ -310,7 +310,7 @@ impl EngineLoop {
 
     fn start(&mut self, pending: &Pending) -> Result<Active> {
         let slot = self.generator.allocate()?;
-        let max_context = self.generator.cache().max_context();
+        let max_context = self.generator.max_context();
         match Sequence::new(
             slot,
             &pending.request,
@@ -380,15 +380,14 @@ impl EngineLoop {
     fn prefill_step(&mut self) {
         let decoding = self.active.iter().filter(|a| a.decoding()).count();
         let mut budget = self.config.max_batch_tokens.saturating_sub(decoding).max(1);
-        let chunk_limit = self.generator.prefill_chunk();
         let mut chunks: Vec<(usize, usize, usize)> = Vec::new(); // (active index, start, end)
         for (index, active) in self.active.iter().enumerate() {
             if active.decoding() || budget == 0 {
                 continue;
             }
-            let take = (active.prompt.len() - active.prefilled)
-                .min(chunk_limit)
-                .min(budget);
+            let take = self
+                .generator
+                .next_chunk(active.prompt.len() - active.prefilled, budget);
             budget -= take;
             chunks.push((index, active.prefilled, active.prefilled + take));
         }

@@ -28,7 +28,7 @@ pub fn run_batch(
     requests: &[GenerationRequest],
     mut on_token: impl FnMut(usize, &TokenEvent),
 ) -> Result<Vec<GenerationOutput>> {
-    let free = generator.cache().free_slots();
+    let free = generator.free_slots();
     if requests.len() > free {
         return Err(SchedulerError::InvalidRequest(format!(
             "{} requests for {free} free sequence slots",
@@ -52,7 +52,7 @@ fn run_in_slots(
     slots: &mut Vec<usize>,
     on_token: &mut impl FnMut(usize, &TokenEvent),
 ) -> Result<Vec<GenerationOutput>> {
-    let max_context = generator.cache().max_context();
+    let max_context = generator.max_context();
     let vocab_size = generator.vocab_size();
     let mut sequences = Vec::with_capacity(requests.len());
     for request in requests {

@@ -108,11 +108,7 @@ fn greedy_batch_equals_transformers_with_text_and_finish_reasons() {
             assert_eq!(format!("{prompt}{}", streamed[i]), full, "prompt {i}");
         }
     }
-    assert_eq!(
-        loaded.generator.cache().free_slots(),
-        8,
-        "every slot is given back"
-    );
+    assert_eq!(loaded.generator.free_slots(), 8, "every slot is given back");
 }
 
 #[test]
@@ -211,5 +207,5 @@ fn bad_requests_are_refused_and_leave_no_slot_taken() {
     )
     .unwrap_err();
     assert!(error.to_string().contains("512"), "{error}");
-    assert_eq!(loaded.generator.cache().free_slots(), 2);
+    assert_eq!(loaded.generator.free_slots(), 2);
 }

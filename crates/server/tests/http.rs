@@ -32,7 +32,7 @@ fn load_state(request_timeout: Duration) -> Arc<AppState> {
         ..LoadOptions::default()
     };
     let loaded = load_generator(&ModelSource::Dir(fixture()), &options).unwrap();
-    let max_context = loaded.generator.cache().max_context();
+    let max_context = loaded.generator.max_context();
     let config = SchedulerConfig {
         max_waiting: 64,
         max_batch_tokens: 2048,

@@ -1,272 +1,295 @@
-//! Grouped-query attention over the rolling KV cache, shared by every decoder.
+//! Attention of a step's queries over the rolling ring of earlier keys and this step's own keys:
+//! one contract, two backends.
+//!
+//! A model describes its attention once, in an [`AttentionSpec`]: heads, key and value widths,
+//! the [`AttentionPattern`] that says which earlier positions a query sees, the scale and the
+//! [`ScoreActivation`]. The same spec declares what the layer keeps per sequence
+//! ([`AttentionSpec::entries`]), and [`Attention::forward`] builds the masks from the pattern and
+//! the rows' positions (see [`mask`]), so no caller ever builds one. The backends:
+//! - [`crate::kernels::cpu::attention`], for f32 on CPU: reads the ring in place, skips hidden
+//!   keys;
+//! - [`generic`], tensor operations on any device and dtype (what CUDA runs), reading each run of
+//!   consecutive slots as a view of the ring, never a copy.
+//!
+//! `CANDLEWICK_GENERIC_KERNELS=1` sends CPU f32 through the generic backend too, so that the code
+//! CUDA runs is tested on every machine (see [`crate::kernels::generic_only`]).
 
-use candle_core::{DType, Storage, Tensor};
+mod cpu;
+pub mod generic;
+pub mod mask;
 
-use crate::kernels::cpu::attention as cpu_attention;
+use candle_core::{DType, Tensor};
 
-use crate::decoder::state::kv_ring::LayerCache;
-use crate::decoder::step::StepBatch;
-use crate::error::Result;
+use crate::decoder::state::AttentionEntries;
+use crate::decoder::step::Step;
+use crate::error::{EngineError, Result};
 
-/// Scaled dot-product attention of `num_heads` query heads over `num_kv_heads` key/value heads
-/// (query head `i` reads kv head `i / (num_heads / num_kv_heads)`, as transformers' `repeat_kv`).
-#[derive(Debug, Clone)]
-pub struct GroupedQueryAttention {
-    num_heads: usize,
-    num_kv_heads: usize,
-    head_dim: usize,
-    scale: f64,
+/// Which earlier positions a query at position `p` sees (itself always included).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AttentionPattern {
+    /// Every earlier position: causal attention.
+    Full,
+    /// The last W positions, `p - W + 1 ..= p`, as transformers 4.37.2's eager Mistral.
+    SlidingWindow(usize),
+    /// The earlier positions of the same chunk of C: `C * (p / C) ..= p`.
+    Chunked(usize),
 }
 
-impl GroupedQueryAttention {
-    /// Attention with the usual `1 / sqrt(head_dim)` scale.
-    pub fn new(num_heads: usize, num_kv_heads: usize, head_dim: usize) -> Self {
+impl AttentionPattern {
+    /// Whether a query at `query` sees the key at `key` (`key <= query`).
+    pub fn sees(self, query: usize, key: usize) -> bool {
+        match self {
+            Self::Full => true,
+            Self::SlidingWindow(window) => key + window > query,
+            Self::Chunked(chunk) => key / chunk == query / chunk,
+        }
+    }
+}
+
+/// How scores become attention weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScoreActivation {
+    /// Softmax over the visible keys, computed in f32 whatever the model's dtype, as
+    /// transformers does.
+    Softmax,
+}
+
+/// Everything that defines one attention layer's computation over the ring.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttentionSpec {
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads; query head `i` reads kv head `i / (heads / kv_heads)`, as transformers'
+    /// `repeat_kv`.
+    pub kv_heads: usize,
+    /// Width of a query and key head.
+    pub key_width: usize,
+    /// Width of a value head.
+    pub value_width: usize,
+    /// Which earlier positions a query sees.
+    pub pattern: AttentionPattern,
+    /// Factor of the query-key products.
+    pub scale: f64,
+    /// How scores become weights.
+    pub activation: ScoreActivation,
+}
+
+impl AttentionSpec {
+    /// Softmax attention with the usual `1 / sqrt(head_dim)` scale and equal key and value widths.
+    pub fn softmax(
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        pattern: AttentionPattern,
+    ) -> Self {
         Self {
-            num_heads,
-            num_kv_heads,
-            head_dim,
+            heads,
+            kv_heads,
+            key_width: head_dim,
+            value_width: head_dim,
+            pattern,
             scale: 1.0 / (head_dim as f64).sqrt(),
+            activation: ScoreActivation::Softmax,
         }
     }
 
-    /// Attends `queries` (`[batch, heads, seq, head_dim]`) to the cached keys of each row's slot
-    /// followed by this step's `keys`/`values` (`[batch, kv_heads, seq, head_dim]`), then stores
-    /// this step's keys and values in the ring. Returns `[batch, seq, heads * head_dim]`.
+    /// What the layer keeps per sequence.
+    pub fn entries(&self) -> AttentionEntries {
+        AttentionEntries {
+            kv_heads: self.kv_heads,
+            key_width: self.key_width,
+            value_width: self.value_width,
+            pattern: self.pattern,
+        }
+    }
+}
+
+/// An attention layer over the rolling ring.
+#[derive(Debug, Clone)]
+pub struct Attention {
+    spec: AttentionSpec,
+}
+
+impl Attention {
+    /// The layer `spec` describes.
+    pub fn new(spec: AttentionSpec) -> Self {
+        Self { spec }
+    }
+
+    /// The layer's spec.
+    pub fn spec(&self) -> &AttentionSpec {
+        &self.spec
+    }
+
+    /// Attends `queries` (`[batch, heads, seq, key_width]`) to layer `layer`'s ring entries of
+    /// each row's slot followed by this step's `keys` / `values` (`[batch, kv_heads, seq,
+    /// width]`), with `bias` (`[batch or 1, heads or 1, seq, ring_len + seq]`, f32) added to the
+    /// scaled scores when given. Hands this step's keys and values to `step`, to be stored once
+    /// the step succeeds. Returns `[batch, seq, heads * value_width]`.
     pub fn forward(
         &self,
         queries: &Tensor,
         keys: &Tensor,
         values: &Tensor,
-        batch: &StepBatch,
-        cache: &LayerCache,
-        capacity: usize,
+        bias: Option<&Tensor>,
+        step: &Step,
+        layer: usize,
     ) -> Result<Tensor> {
-        let output = if queries.device().is_cpu() && queries.dtype() == DType::F32 {
-            self.forward_cpu(queries, keys, values, batch, cache, capacity)?
+        let ring = step.ring(layer)?;
+        if ring.entries() != self.spec.entries() {
+            return Err(EngineError::Internal(format!(
+                "layer {layer} attends with {:?} over a ring of {:?}",
+                self.spec.entries(),
+                ring.entries()
+            )));
+        }
+        let batch = step.batch();
+        let capacity = ring.capacity();
+        let mask = batch.mask(self.spec.pattern, capacity)?;
+        let bias = match bias {
+            Some(bias) => {
+                let (rows, seq) = (batch.batch_size(), batch.seq_len);
+                let key_len = batch.ring_len(capacity) + seq;
+                Some(bias.to_dtype(DType::F32)?.broadcast_as((
+                    rows,
+                    self.spec.heads,
+                    seq,
+                    key_len,
+                ))?)
+            }
+            None => None,
+        };
+        let output = if queries.device().is_cpu()
+            && queries.dtype() == DType::F32
+            && !crate::kernels::generic_only()
+        {
+            cpu::attend(
+                &self.spec,
+                queries,
+                keys,
+                values,
+                bias.as_ref(),
+                &mask,
+                ring,
+                batch,
+            )?
         } else {
-            self.forward_tensors(queries, keys, values, batch, cache)?
+            generic::attend(
+                &self.spec,
+                queries,
+                keys,
+                values,
+                bias.as_ref(),
+                &mask,
+                ring,
+                batch,
+            )?
         };
-        let seq = batch.seq_len;
-        for (row, &slot) in batch.slots.iter().enumerate() {
-            // Only the last `capacity` new positions can still be seen by later queries.
-            let count = batch.new_tokens[row];
-            let keep = count.min(capacity);
-            let first_column = seq - keep;
-            cache.write(
-                slot,
-                &keys.narrow(0, row, 1)?.narrow(2, first_column, keep)?,
-                &values.narrow(0, row, 1)?.narrow(2, first_column, keep)?,
-                batch.starts[row] + count - keep,
-                capacity,
-            )?;
-        }
+        step.write_entries(layer, keys.clone(), values.clone())?;
         Ok(output)
     }
-
-    /// Attention with [`cpu_attention`], reading the ring in place.
-    fn forward_cpu(
-        &self,
-        queries: &Tensor,
-        keys: &Tensor,
-        values: &Tensor,
-        batch: &StepBatch,
-        cache: &LayerCache,
-        capacity: usize,
-    ) -> Result<Tensor> {
-        let (rows, _, seq, head_dim) = queries.dims4()?;
-        let (queries, keys, values) = (
-            queries.contiguous()?,
-            keys.contiguous()?,
-            values.contiguous()?,
-        );
-        let guards = [
-            &queries,
-            &keys,
-            &values,
-            &cache.keys,
-            &cache.values,
-            &batch.mask,
-        ]
-        .map(|t| t.storage_and_layout());
-        let mut slices: Vec<&[f32]> = Vec::with_capacity(guards.len());
-        for (storage, layout) in &guards {
-            let Storage::Cpu(cpu) = &**storage else {
-                return Err(
-                    candle_core::Error::Msg("CPU attention needs CPU tensors".into()).into(),
-                );
-            };
-            let (start, end) = layout.contiguous_offsets().ok_or_else(|| {
-                candle_core::Error::Msg("CPU attention needs contiguous tensors".into())
-            })?;
-            slices.push(&cpu.as_slice::<f32>()?[start..end]);
-        }
-        let shape = cpu_attention::AttentionShape {
-            batch: rows,
-            seq,
-            heads: self.num_heads,
-            kv_heads: self.num_kv_heads,
-            head_dim,
-            ring_len: batch.ring_len,
-            capacity,
-            scale: self.scale as f32,
-        };
-        let inputs = cpu_attention::AttentionInputs {
-            queries: slices[0],
-            keys: slices[1],
-            values: slices[2],
-            ring_keys: slices[3],
-            ring_values: slices[4],
-            slots: &batch.slots,
-            mask: slices[5],
-        };
-        let output = cpu_attention::attend(&shape, &inputs);
-        drop(slices);
-        drop(guards);
-        Ok(Tensor::from_vec(
-            output,
-            (rows, seq, self.num_heads * head_dim),
-            queries.device(),
-        )?)
-    }
-
-    /// Attention as tensor operations, for every device and dtype.
-    fn forward_tensors(
-        &self,
-        queries: &Tensor,
-        keys: &Tensor,
-        values: &Tensor,
-        batch: &StepBatch,
-        cache: &LayerCache,
-    ) -> Result<Tensor> {
-        let (rows, _, seq, head_dim) = queries.dims4()?;
-        let group = self.num_heads / self.num_kv_heads;
-        let all_keys = with_ring(&cache.keys, keys, batch)?;
-        let all_values = with_ring(&cache.values, values, batch)?;
-        let key_len = all_keys.dim(2)?;
-
-        // Heads that share a kv head are adjacent, so they fold into the query dimension
-        // without a copy: [batch, kv_heads, group * seq, head_dim].
-        let queries = queries.reshape((rows, self.num_kv_heads, group * seq, head_dim))?;
-        let scores = (queries.matmul(&all_keys.t()?)? * self.scale)?;
-        // Softmax in f32 whatever the model's dtype, as transformers does.
-        let scores = scores
-            .to_dtype(DType::F32)?
-            .reshape((rows, self.num_kv_heads, group, seq, key_len))?
-            .broadcast_add(&batch.mask)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(all_values.dtype())?;
-        let output = probs
-            .reshape((rows, self.num_kv_heads, group * seq, key_len))?
-            .matmul(&all_values.contiguous()?)?
-            .reshape((rows, self.num_heads, seq, head_dim))?
-            .transpose(1, 2)?
-            .reshape((rows, seq, self.num_heads * self.head_dim))?;
-        Ok(output)
-    }
-}
-
-/// `[batch, kv_heads, ring_len + seq, head_dim]`: each row's first `ring_len` ring entries
-/// followed by this step's `new` entries.
-fn with_ring(ring: &Tensor, new: &Tensor, batch: &StepBatch) -> Result<Tensor> {
-    if batch.ring_len == 0 {
-        return Ok(new.clone());
-    }
-    let rows = batch
-        .slots
-        .iter()
-        .map(|&slot| ring.narrow(0, slot, 1)?.narrow(2, 0, batch.ring_len))
-        .collect::<candle_core::Result<Vec<_>>>()?;
-    let ring = Tensor::cat(&rows, 0)?;
-    Ok(Tensor::cat(&[&ring, new], 2)?)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decoder::state::kv_ring::{CacheShape, KvCache};
-    use crate::decoder::step::StepRow;
+    use crate::decoder::state::{SequenceState, StateSpec};
+    use crate::decoder::step::{StepBatch, StepRow};
     use candle_core::Device;
 
-    /// Runs the same steps through both implementations on twin caches; they must agree at every
-    /// real position, through ring wrap-arounds, padding and grouped heads.
+    /// Runs the same steps through both backends on twin states; they must agree at every real
+    /// position, through ring wrap-arounds, padding, gaps between slots, grouped heads, a bias and
+    /// every pattern.
     #[test]
-    fn cpu_kernel_and_tensor_path_agree() {
+    fn cpu_kernel_and_generic_path_agree() {
         let device = Device::Cpu;
-        let (heads, kv_heads, head_dim) = (4, 2, 8);
-        let shape = CacheShape {
-            num_layers: 1,
-            kv_heads,
-            head_dim,
-            sliding_window: Some(5),
-        };
-        let attention = GroupedQueryAttention::new(heads, kv_heads, head_dim);
-        let mut caches = [
-            KvCache::new(shape, 3, 64, DType::F32, &device).unwrap(),
-            KvCache::new(shape, 3, 64, DType::F32, &device).unwrap(),
-        ];
-        for cache in &mut caches {
-            for _ in 0..3 {
-                cache.allocate().unwrap();
-            }
-        }
-        // Steps of (slot, new tokens): prefills of different lengths, then decode-like steps.
-        let steps: [&[(usize, usize)]; 4] = [
-            &[(0, 7), (2, 3)],
-            &[(0, 1), (2, 4), (1, 2)],
-            &[(1, 6)],
-            &[(0, 1), (1, 1), (2, 1)],
-        ];
-        for step in steps {
-            let tokens: Vec<Vec<u32>> = step.iter().map(|&(_, n)| vec![1; n]).collect();
-            let rows: Vec<StepRow> = step
-                .iter()
-                .zip(&tokens)
-                .map(|(&(slot, _), t)| StepRow { slot, tokens: t })
-                .collect();
-            let batch = StepBatch::new(&rows, &caches[0], 10, &device).unwrap();
-            let seq = batch.seq_len;
-            let q = Tensor::randn(0f32, 1., (rows.len(), heads, seq, head_dim), &device).unwrap();
-            let k =
-                Tensor::randn(0f32, 1., (rows.len(), kv_heads, seq, head_dim), &device).unwrap();
-            let v =
-                Tensor::randn(0f32, 1., (rows.len(), kv_heads, seq, head_dim), &device).unwrap();
-            let cpu = attention
-                .forward_cpu(&q, &k, &v, &batch, caches[0].layer(0), 5)
-                .unwrap();
-            let tensors = attention
-                .forward_tensors(&q, &k, &v, &batch, caches[1].layer(0))
-                .unwrap();
-            let cpu: Vec<Vec<Vec<f32>>> = cpu.to_vec3().unwrap();
-            let tensors: Vec<Vec<Vec<f32>>> = tensors.to_vec3().unwrap();
-            for (row, &(_, count)) in step.iter().enumerate() {
-                for t in seq - count..seq {
-                    for (a, b) in cpu[row][t].iter().zip(&tensors[row][t]) {
-                        assert!((a - b).abs() < 1e-5, "row {row} column {t}: {a} vs {b}");
+        let (heads, kv_heads, key_width, value_width) = (4, 2, 8, 6);
+        for pattern in [
+            AttentionPattern::SlidingWindow(5),
+            AttentionPattern::Chunked(4),
+            AttentionPattern::Full,
+        ] {
+            for with_bias in [false, true] {
+                let spec = AttentionSpec {
+                    value_width,
+                    ..AttentionSpec::softmax(heads, kv_heads, key_width, pattern)
+                };
+                let state_spec = StateSpec::uniform_attention(1, spec.entries());
+                let mut states = [0, 1].map(|_| {
+                    let mut state =
+                        SequenceState::new(state_spec.clone(), 4, 64, DType::F32, &device).unwrap();
+                    for _ in 0..4 {
+                        state.allocate().unwrap();
+                    }
+                    state
+                });
+                // Steps of (slot, new tokens): prefills of different lengths, slots out of order
+                // and with gaps, then decode-like steps.
+                let steps: [&[(usize, usize)]; 5] = [
+                    &[(0, 7), (2, 3)],
+                    &[(2, 4), (0, 1), (1, 2)],
+                    &[(1, 6), (3, 2)],
+                    &[(0, 1), (1, 1), (2, 1), (3, 1)],
+                    &[(3, 1), (0, 1)],
+                ];
+                for step_rows in steps {
+                    let tokens: Vec<Vec<u32>> =
+                        step_rows.iter().map(|&(_, n)| vec![1; n]).collect();
+                    let rows: Vec<StepRow> = step_rows
+                        .iter()
+                        .zip(&tokens)
+                        .map(|(&(slot, _), t)| StepRow { slot, tokens: t })
+                        .collect();
+                    let batch = StepBatch::new(&rows, &states[0], 10, &device).unwrap();
+                    let seq = batch.seq_len;
+                    let n = rows.len();
+                    let q = Tensor::randn(0f32, 1., (n, heads, seq, key_width), &device).unwrap();
+                    let k =
+                        Tensor::randn(0f32, 1., (n, kv_heads, seq, key_width), &device).unwrap();
+                    let v =
+                        Tensor::randn(0f32, 1., (n, kv_heads, seq, value_width), &device).unwrap();
+                    let key_len = batch.ring_len(states[0].ring(0).unwrap().capacity()) + seq;
+                    let bias = with_bias.then(|| {
+                        Tensor::randn(0f32, 1., (n, heads, seq, key_len), &device).unwrap()
+                    });
+                    let mut outputs = Vec::new();
+                    for (state, generic) in states.iter_mut().zip([false, true]) {
+                        let ring = state.ring(0).unwrap();
+                        let mask = batch.mask(pattern, ring.capacity()).unwrap();
+                        let attend = if generic {
+                            generic::attend
+                        } else {
+                            cpu::attend
+                        };
+                        let output =
+                            attend(&spec, &q, &k, &v, bias.as_ref(), &mask, ring, &batch).unwrap();
+                        outputs.push(output.to_vec3::<f32>().unwrap());
+                        let step = Step::new(&batch, state);
+                        step.write_entries(0, k.clone(), v.clone()).unwrap();
+                        let writes = step.into_writes();
+                        state.commit(&batch, writes).unwrap();
+                    }
+                    for (row, &(_, count)) in step_rows.iter().enumerate() {
+                        for t in seq - count..seq {
+                            for (a, b) in outputs[0][row][t].iter().zip(&outputs[1][row][t]) {
+                                assert!(
+                                    (a - b).abs() < 1e-5,
+                                    "{pattern:?} bias {with_bias} row {row} column {t}: {a} vs {b}"
+                                );
+                            }
+                        }
                     }
                 }
             }
-            // Both caches take the step's keys the same way.
-            for cache in caches.iter_mut() {
-                for (row, &(slot, count)) in step.iter().enumerate() {
-                    let keep = count.min(5);
-                    cache
-                        .layer(0)
-                        .write(
-                            slot,
-                            &k.narrow(0, row, 1)
-                                .unwrap()
-                                .narrow(2, seq - keep, keep)
-                                .unwrap(),
-                            &v.narrow(0, row, 1)
-                                .unwrap()
-                                .narrow(2, seq - keep, keep)
-                                .unwrap(),
-                            batch.starts[row] + count - keep,
-                            5,
-                        )
-                        .unwrap();
-                    cache.advance(slot, count).unwrap();
-                }
-            }
         }
+    }
+
+    #[test]
+    fn patterns_say_which_keys_a_query_sees() {
+        assert!(AttentionPattern::Full.sees(100, 0));
+        assert!(AttentionPattern::SlidingWindow(3).sees(7, 5));
+        assert!(!AttentionPattern::SlidingWindow(3).sees(7, 4));
+        assert!(AttentionPattern::Chunked(4).sees(7, 4));
+        assert!(!AttentionPattern::Chunked(4).sees(8, 7));
     }
 }

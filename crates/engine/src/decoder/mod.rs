@@ -7,8 +7,8 @@ pub mod step;
 
 use candle_core::Tensor;
 
-use crate::decoder::state::kv_ring::{CacheShape, KvCache};
-use crate::decoder::step::StepBatch;
+use crate::decoder::state::StateSpec;
+use crate::decoder::step::Step;
 use crate::error::Result;
 
 /// Which positions of a step the model computes logits for.
@@ -21,15 +21,21 @@ pub enum LogitsMode {
     All,
 }
 
-/// A decoder that generates text over the rolling KV cache.
+/// A decoder that generates text one step at a time over state it declares.
 pub trait CausalLm: Send {
-    /// The cache the model needs.
-    fn cache_shape(&self) -> CacheShape;
+    /// What each layer keeps per sequence between steps.
+    fn state_spec(&self) -> StateSpec;
     /// Size of the output vocabulary.
     fn vocab_size(&self) -> usize;
     /// The context the model was trained for; the default bound of a sequence's length.
     fn max_position_embeddings(&self) -> usize;
-    /// One forward step: appends the batch's tokens to their slots' caches and returns f32
-    /// logits.
-    fn forward(&self, batch: &StepBatch, cache: &KvCache, logits: LogitsMode) -> Result<Tensor>;
+    /// The most tokens of one sequence the model accepts in one cached step, when it has such a
+    /// limit (a model that updates a recurrent state token by token, say); longer prompts are
+    /// prefilled in chunks of at most this many.
+    fn max_step_tokens(&self) -> Option<usize> {
+        None
+    }
+    /// One forward step over `step`'s batch: reads the state through `step`, hands each layer's
+    /// new state back to it, and returns f32 logits. The model writes no state itself.
+    fn forward(&self, step: &Step, logits: LogitsMode) -> Result<Tensor>;
 }

@@ -80,11 +80,12 @@ impl Linear {
     /// candle's GEMM elsewhere. For encoders, whose every forward is a batch of whole sequences;
     /// decoders keep the row layout that their decode steps read fastest. The weight's memory is
     /// held once in the new layout (twice when it is shared, as tied embeddings are). A no-op
-    /// off CPU and for other dtypes than f32.
+    /// off CPU, for other dtypes than f32, and under `CANDLEWICK_GENERIC_KERNELS=1`.
     pub fn into_batched_layout(self) -> Result<Self> {
         if self.layout != WeightLayout::Rows
             || !self.weight.device().is_cpu()
             || self.weight.dtype() != DType::F32
+            || crate::kernels::generic_only()
         {
             return Ok(self);
         }
@@ -135,7 +136,11 @@ impl Module for Linear {
             }
             WeightLayout::Transposed => x.matmul(&self.weight)?,
             WeightLayout::Rows => {
-                if rows <= cpu_matmul::MAX_ROWS && x.device().is_cpu() && x.dtype() == DType::F32 {
+                if rows <= cpu_matmul::MAX_ROWS
+                    && x.device().is_cpu()
+                    && x.dtype() == DType::F32
+                    && !crate::kernels::generic_only()
+                {
                     skinny_matmul(&x, &self.weight)?
                 } else {
                     x.matmul(&self.weight.t()?)?

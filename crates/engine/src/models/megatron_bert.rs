@@ -7,9 +7,9 @@ use candle_core::{DType, Module, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 use serde::Deserialize;
 
-use crate::attention::GroupedQueryAttention;
-use crate::decoder::state::kv_ring::{CacheShape, KvCache};
-use crate::decoder::step::StepBatch;
+use crate::attention::{Attention, AttentionPattern, AttentionSpec};
+use crate::decoder::state::StateSpec;
+use crate::decoder::step::{Step, StepBatch};
 use crate::decoder::{CausalLm, LogitsMode};
 use crate::encoder::batch::{InputLimits, PaddedBatch};
 use crate::encoder::heads::{
@@ -362,7 +362,7 @@ pub fn load(
 pub struct MegatronBertForCausalLM {
     model: MegatronBertModel,
     lm_head: LmPredictionHead,
-    attention: GroupedQueryAttention,
+    attention: Attention,
 }
 
 impl MegatronBertForCausalLM {
@@ -372,7 +372,12 @@ impl MegatronBertForCausalLM {
         let lm_head = lm_head(vb.pp("cls.predictions"), config, model.word_embeddings())?;
         let heads = config.num_attention_heads;
         Ok(Self {
-            attention: GroupedQueryAttention::new(heads, heads, config.head_dim()),
+            attention: Attention::new(AttentionSpec::softmax(
+                heads,
+                heads,
+                config.head_dim(),
+                AttentionPattern::Full,
+            )),
             model,
             lm_head,
         })
@@ -380,14 +385,11 @@ impl MegatronBertForCausalLM {
 }
 
 impl CausalLm for MegatronBertForCausalLM {
-    fn cache_shape(&self) -> CacheShape {
-        let config = &self.model.config;
-        CacheShape {
-            num_layers: config.num_hidden_layers,
-            kv_heads: config.num_attention_heads,
-            head_dim: config.head_dim(),
-            sliding_window: None,
-        }
+    fn state_spec(&self) -> StateSpec {
+        StateSpec::uniform_attention(
+            self.model.config.num_hidden_layers,
+            self.attention.spec().entries(),
+        )
     }
 
     fn vocab_size(&self) -> usize {
@@ -398,18 +400,13 @@ impl CausalLm for MegatronBertForCausalLM {
         self.model.config.max_position_embeddings
     }
 
-    fn forward(&self, batch: &StepBatch, cache: &KvCache, logits: LogitsMode) -> Result<Tensor> {
+    fn forward(&self, step: &Step, logits: LogitsMode) -> Result<Tensor> {
+        let batch = step.batch();
         let mut x = self.model.embeddings.forward_step(batch)?;
         for (index, layer) in self.model.layers.iter().enumerate() {
             x = layer.forward(&x, |queries, keys, values| {
-                self.attention.forward(
-                    queries,
-                    keys,
-                    values,
-                    batch,
-                    cache.layer(index),
-                    cache.capacity(),
-                )
+                self.attention
+                    .forward(queries, keys, values, None, step, index)
             })?;
         }
         if logits == LogitsMode::Last {

@@ -5,9 +5,9 @@ use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{Activation, Embedding, VarBuilder};
 use serde::Deserialize;
 
-use crate::attention::GroupedQueryAttention;
-use crate::decoder::state::kv_ring::{CacheShape, KvCache, LayerCache};
-use crate::decoder::step::{StepBatch, StepRow};
+use crate::attention::{Attention, AttentionPattern, AttentionSpec};
+use crate::decoder::state::{SequenceState, StateSpec};
+use crate::decoder::step::{Step, StepBatch, StepRow};
 use crate::decoder::{CausalLm, LogitsMode};
 use crate::encoder::labels::{Labels, SequenceClassifier};
 use crate::encoder::{EncoderInput, EncoderModel, EncoderOutput, EncoderTask};
@@ -71,6 +71,21 @@ impl MistralConfig {
         self.hidden_size / self.num_attention_heads
     }
 
+    /// The layers' attention: grouped-query softmax attention over the sliding window, or
+    /// causal attention over everything without one.
+    pub fn attention(&self) -> AttentionSpec {
+        let pattern = match self.sliding_window {
+            Some(window) => AttentionPattern::SlidingWindow(window),
+            None => AttentionPattern::Full,
+        };
+        AttentionSpec::softmax(
+            self.num_attention_heads,
+            self.num_key_value_heads,
+            self.head_dim(),
+            pattern,
+        )
+    }
+
     /// Refuses what the implementation would otherwise get silently wrong.
     pub fn validate(&self) -> Result<()> {
         refuse_if_set("rope_scaling", &self.rope_scaling)?;
@@ -120,7 +135,7 @@ impl MistralConfig {
 pub struct MistralAttention {
     qkv_proj: Linear,
     o_proj: Linear,
-    attention: GroupedQueryAttention,
+    attention: Attention,
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
@@ -141,7 +156,7 @@ impl MistralAttention {
         Ok(Self {
             qkv_proj: Linear::fused(&[q_proj, k_proj, v_proj])?,
             o_proj: Linear::load(vb.pp("o_proj"), heads * head_dim, hidden, false)?,
-            attention: GroupedQueryAttention::new(heads, kv_heads, head_dim),
+            attention: Attention::new(config.attention()),
             num_heads: heads,
             num_kv_heads: kv_heads,
             head_dim,
@@ -153,9 +168,8 @@ impl MistralAttention {
         &self,
         x: &Tensor,
         rotary: &RotaryTables,
-        batch: &StepBatch,
-        cache: &LayerCache,
-        capacity: usize,
+        step: &Step,
+        layer: usize,
     ) -> Result<Tensor> {
         let _enter = self.span.enter();
         let (rows, seq, _) = x.dims3()?;
@@ -175,7 +189,7 @@ impl MistralAttention {
         let values = split(q_size + kv_size, kv_size, self.num_kv_heads)?;
         let output = self
             .attention
-            .forward(&queries, &keys, &values, batch, cache, capacity)?;
+            .forward(&queries, &keys, &values, None, step, layer)?;
         Ok(self.o_proj.forward(&output)?)
     }
 }
@@ -256,17 +270,12 @@ impl MistralLayer {
         &self,
         x: &Tensor,
         rotary: &RotaryTables,
-        batch: &StepBatch,
-        cache: &LayerCache,
-        capacity: usize,
+        step: &Step,
+        layer: usize,
     ) -> Result<Tensor> {
-        let attention = self.self_attn.forward(
-            &self.input_layernorm.forward(x)?,
-            rotary,
-            batch,
-            cache,
-            capacity,
-        )?;
+        let attention =
+            self.self_attn
+                .forward(&self.input_layernorm.forward(x)?, rotary, step, layer)?;
         let x = (x + attention)?;
         let feed_forward = self
             .feed_forward
@@ -304,21 +313,25 @@ impl MistralModel {
             embed_tokens,
             layers,
             norm: RmsNorm::load(vb.pp("norm"), config.hidden_size, config.rms_norm_eps)?,
-            rotary: RotaryEmbedding::new(config.head_dim(), config.rope_theta),
+            rotary: RotaryEmbedding::new(
+                config.head_dim(),
+                config.rope_theta,
+                config.max_position_embeddings,
+                vb.dtype(),
+                vb.device(),
+            )?,
             config: config.clone(),
             dtype: vb.dtype(),
             device: vb.device().clone(),
         })
     }
 
-    /// The cache this model needs.
-    pub fn cache_shape(&self) -> CacheShape {
-        CacheShape {
-            num_layers: self.config.num_hidden_layers,
-            kv_heads: self.config.num_key_value_heads,
-            head_dim: self.config.head_dim(),
-            sliding_window: self.config.sliding_window,
-        }
+    /// What every layer keeps per sequence: its keys and values.
+    pub fn state_spec(&self) -> StateSpec {
+        StateSpec::uniform_attention(
+            self.config.num_hidden_layers,
+            self.config.attention().entries(),
+        )
     }
 
     /// The config the model was built from.
@@ -328,19 +341,13 @@ impl MistralModel {
 
     /// Final hidden states, `[batch, seq, hidden]` (only the last column with
     /// [`LogitsMode::Last`]: `[batch, hidden]`), normalised.
-    pub fn forward(
-        &self,
-        batch: &StepBatch,
-        cache: &KvCache,
-        columns: LogitsMode,
-    ) -> Result<Tensor> {
-        let (rows, seq) = (batch.batch_size(), batch.seq_len);
-        let rotary = self
-            .rotary
-            .tables(&batch.positions, rows, seq, self.dtype, &self.device)?;
+    pub fn forward(&self, step: &Step, columns: LogitsMode) -> Result<Tensor> {
+        let batch = step.batch();
+        let seq = batch.seq_len;
+        let rotary = self.rotary.tables(batch)?;
         let mut x = self.embed_tokens.forward(&batch.input_ids)?;
         for (index, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(&x, &rotary, batch, cache.layer(index), cache.capacity())?;
+            x = layer.forward(&x, &rotary, step, index)?;
         }
         if columns == LogitsMode::Last {
             x = x.narrow(1, seq - 1, 1)?.squeeze(1)?;
@@ -390,8 +397,8 @@ impl MistralForCausalLM {
 }
 
 impl CausalLm for MistralForCausalLM {
-    fn cache_shape(&self) -> CacheShape {
-        self.model.cache_shape()
+    fn state_spec(&self) -> StateSpec {
+        self.model.state_spec()
     }
 
     fn vocab_size(&self) -> usize {
@@ -402,8 +409,8 @@ impl CausalLm for MistralForCausalLM {
         self.model.config.max_position_embeddings
     }
 
-    fn forward(&self, batch: &StepBatch, cache: &KvCache, logits: LogitsMode) -> Result<Tensor> {
-        let hidden = self.model.forward(batch, cache, logits)?;
+    fn forward(&self, step: &Step, logits: LogitsMode) -> Result<Tensor> {
+        let hidden = self.model.forward(step, logits)?;
         Ok(self.lm_head.forward(&hidden)?.to_dtype(DType::F32)?)
     }
 }
@@ -464,9 +471,10 @@ impl MistralForSequenceClassification {
                 "every text needs at least one token".into(),
             ));
         }
-        // A cache just for this call: the sequences are read once, with no generation after.
-        let mut cache = KvCache::new(
-            self.model.cache_shape(),
+        // State just for this call: the sequences are read once, with no generation after, so
+        // the step's writes are never stored.
+        let mut state = SequenceState::new(
+            self.model.state_spec(),
             sequences.len(),
             longest,
             self.model.dtype,
@@ -474,7 +482,7 @@ impl MistralForSequenceClassification {
         )?;
         let slots = sequences
             .iter()
-            .map(|_| cache.allocate())
+            .map(|_| state.allocate())
             .collect::<Result<Vec<_>>>()?;
         let rows: Vec<StepRow> = slots
             .iter()
@@ -483,11 +491,13 @@ impl MistralForSequenceClassification {
             .collect();
         let batch = StepBatch::new(
             &rows,
-            &cache,
+            &state,
             self.model.config.vocab_size,
             &self.model.device,
         )?;
-        let hidden = self.model.forward(&batch, &cache, LogitsMode::All)?;
+        let hidden = self
+            .model
+            .forward(&Step::new(&batch, &state), LogitsMode::All)?;
         let pooled = sequences
             .iter()
             .enumerate()

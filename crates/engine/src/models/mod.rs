@@ -349,7 +349,8 @@ mod tests {
         )
         .expect("loads");
         assert_eq!(model.vocab_size(), 16);
-        assert_eq!(model.cache_shape().sliding_window, None);
-        assert_eq!(model.cache_shape().head_dim, 4);
+        let attention = model.state_spec().layers[0].attention.expect("attention");
+        assert_eq!(attention.pattern, crate::attention::AttentionPattern::Full);
+        assert_eq!(attention.key_width, 4);
     }
 }

@@ -101,7 +101,7 @@ fn load_generator_state(
     };
     let loaded = load_generator(source, &options)
         .with_context(|| format!("loading {}", source.display_name()))?;
-    let max_context = loaded.generator.cache().max_context();
+    let max_context = loaded.generator.max_context();
     let (max_input_tokens, max_total_tokens) = settings.token_limits(max_context)?;
     tracing::info!(
         model = %source.display_name(),

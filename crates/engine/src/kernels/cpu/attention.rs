@@ -1,11 +1,10 @@
 //! Attention over the rolling cache on CPU in f32, without gathering the ring.
 //!
-//! The tensor formulation (see [`crate::attention`]) copies every row's ring entries next to the
-//! step's keys, then runs two batched matmuls of `batch x kv_heads` tiny products and a masked
-//! softmax over every key, masked or not. For decode steps that work is dominated by copies and
-//! per-product overhead. Here each (row, kv head) pair is one task that reads its keys and values
+//! The device-generic formulation (see [`crate::attention`]) runs batched matmuls of `batch x
+//! kv_heads` tiny products and a masked softmax over every key, masked or not. For decode steps
+//! on CPU that work is dominated by per-product overhead. Here each (row, kv head) pair is one task that reads its keys and values
 //! where they are, skips the keys its mask hides, and writes its output straight into the
-//! `[batch, seq, heads * head_dim]` layout the output projection reads.
+//! `[batch, seq, heads * value_width]` layout the output projection reads.
 
 use rayon::prelude::*;
 
@@ -19,8 +18,10 @@ pub struct AttentionShape {
     pub heads: usize,
     /// Key/value heads.
     pub kv_heads: usize,
-    /// Size of a head.
-    pub head_dim: usize,
+    /// Width of a query and key head.
+    pub key_width: usize,
+    /// Width of a value head.
+    pub value_width: usize,
     /// Ring entries read per row before the step's own keys.
     pub ring_len: usize,
     /// Ring entries per slot.
@@ -31,55 +32,59 @@ pub struct AttentionShape {
 
 /// Borrowed inputs of one attention call, all row-major and contiguous.
 pub struct AttentionInputs<'a> {
-    /// `[batch, heads, seq, head_dim]`.
+    /// `[batch, heads, seq, key_width]`.
     pub queries: &'a [f32],
-    /// `[batch, kv_heads, seq, head_dim]`.
+    /// `[batch, kv_heads, seq, key_width]`.
     pub keys: &'a [f32],
-    /// `[batch, kv_heads, seq, head_dim]`.
+    /// `[batch, kv_heads, seq, value_width]`.
     pub values: &'a [f32],
-    /// `[slots, kv_heads, capacity, head_dim]`.
+    /// `[slots, kv_heads, capacity, key_width]`.
     pub ring_keys: &'a [f32],
-    /// `[slots, kv_heads, capacity, head_dim]`.
+    /// `[slots, kv_heads, capacity, value_width]`.
     pub ring_values: &'a [f32],
     /// The slot of each row.
     pub slots: &'a [usize],
     /// `[batch, seq, ring_len + seq]`, 0 where visible and -inf elsewhere.
     pub mask: &'a [f32],
+    /// `[batch, heads, seq, ring_len + seq]`, added to the scaled scores, when the layer has
+    /// one.
+    pub bias: Option<&'a [f32]>,
 }
 
-/// Returns `[batch, seq, heads * head_dim]`.
+/// Returns `[batch, seq, heads * value_width]`.
 pub fn attend<'a>(shape: &AttentionShape, inputs: &AttentionInputs<'a>) -> Vec<f32> {
     let AttentionShape {
         batch,
         seq,
         heads,
         kv_heads,
-        head_dim,
+        key_width,
+        value_width,
         ring_len,
         capacity,
         scale,
     } = *shape;
     let group = heads / kv_heads;
     let key_len = ring_len + seq;
-    // One task per (row, kv head); each returns its [seq, group, head_dim] block.
+    // One task per (row, kv head); each returns its [seq, group, value_width] block.
     let blocks: Vec<Vec<f32>> = (0..batch * kv_heads)
         .into_par_iter()
         .map(|task| {
             let (row, kv_head) = (task / kv_heads, task % kv_heads);
-            let ring_base = (inputs.slots[row] * kv_heads + kv_head) * capacity * head_dim;
-            let new_base = (row * kv_heads + kv_head) * seq * head_dim;
+            let ring_entry = (inputs.slots[row] * kv_heads + kv_head) * capacity;
+            let new_entry = (row * kv_heads + kv_head) * seq;
             // Entry `l` of the keys (or values) this row sees: ring entries, then the step's own.
-            let entry = |ring: &'a [f32], new: &'a [f32], l: usize| -> &'a [f32] {
+            let entry = |ring: &'a [f32], new: &'a [f32], width: usize, l: usize| -> &'a [f32] {
                 let (source, start) = if l < ring_len {
-                    (ring, ring_base + l * head_dim)
+                    (ring, (ring_entry + l) * width)
                 } else {
-                    (new, new_base + (l - ring_len) * head_dim)
+                    (new, (new_entry + l - ring_len) * width)
                 };
-                &source[start..start + head_dim]
+                &source[start..start + width]
             };
-            let key = |l| entry(inputs.ring_keys, inputs.keys, l);
-            let value = |l| entry(inputs.ring_values, inputs.values, l);
-            let mut block = vec![0f32; seq * group * head_dim];
+            let key = |l| entry(inputs.ring_keys, inputs.keys, key_width, l);
+            let value = |l| entry(inputs.ring_values, inputs.values, value_width, l);
+            let mut block = vec![0f32; seq * group * value_width];
             let mut visible: Vec<usize> = Vec::with_capacity(key_len);
             let mut weights: Vec<f32> = Vec::with_capacity(key_len);
             for t in 0..seq {
@@ -88,18 +93,23 @@ pub fn attend<'a>(shape: &AttentionShape, inputs: &AttentionInputs<'a>) -> Vec<f
                 visible.extend((0..key_len).filter(|&l| mask[l] == 0.0));
                 for r in 0..group {
                     let head = kv_head * group + r;
-                    let q_base = ((row * heads + head) * seq + t) * head_dim;
-                    let query = &inputs.queries[q_base..q_base + head_dim];
+                    let q_base = ((row * heads + head) * seq + t) * key_width;
+                    let query = &inputs.queries[q_base..q_base + key_width];
                     weights.clear();
                     weights.extend(visible.iter().map(|&l| dot(query, key(l)) * scale));
+                    if let Some(bias) = inputs.bias {
+                        let bias = &bias[((row * heads + head) * seq + t) * key_len..][..key_len];
+                        for (weight, &l) in weights.iter_mut().zip(&visible) {
+                            *weight += bias[l];
+                        }
+                    }
                     let max = weights.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                     let mut total = 0f32;
                     for weight in weights.iter_mut() {
                         *weight = (*weight - max).exp();
                         total += *weight;
                     }
-                    let out =
-                        &mut block[(t * group + r) * head_dim..(t * group + r + 1) * head_dim];
+                    let out = &mut block[(t * group + r) * value_width..][..value_width];
                     for (&l, &weight) in visible.iter().zip(&weights) {
                         let p = weight / total;
                         for (o, v) in out.iter_mut().zip(value(l)) {
@@ -111,14 +121,14 @@ pub fn attend<'a>(shape: &AttentionShape, inputs: &AttentionInputs<'a>) -> Vec<f
             block
         })
         .collect();
-    // Interleave the blocks into [batch, seq, heads, head_dim].
-    let mut output = vec![0f32; batch * seq * heads * head_dim];
+    // Interleave the blocks into [batch, seq, heads, value_width].
+    let mut output = vec![0f32; batch * seq * heads * value_width];
     for (task, block) in blocks.iter().enumerate() {
         let (row, kv_head) = (task / kv_heads, task % kv_heads);
         for t in 0..seq {
-            let src = &block[t * group * head_dim..(t + 1) * group * head_dim];
-            let dst = ((row * seq + t) * heads + kv_head * group) * head_dim;
-            output[dst..dst + group * head_dim].copy_from_slice(src);
+            let src = &block[t * group * value_width..(t + 1) * group * value_width];
+            let dst = ((row * seq + t) * heads + kv_head * group) * value_width;
+            output[dst..dst + group * value_width].copy_from_slice(src);
         }
     }
     output
