@@ -202,3 +202,295 @@ impl Generator {
         Ok(self.step(&step_rows, LogitsMode::Last)?.to_vec2()?)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::decoder::state::{LayerState, StateSpec};
+    use crate::loader::{ModelFiles, ModelSource};
+
+    /// A toy recurrent model: per layer `h = h / 2 + x`, `x` the layer's input (the token's
+    /// embedding for the first layer), logits `W h` of the last layer. It reads one token per
+    /// cached step and can be told to fail a step after handing back its writes.
+    struct ToyRecurrent {
+        layers: usize,
+        dim: usize,
+        vocab: usize,
+        fail: Arc<AtomicBool>,
+    }
+
+    impl ToyRecurrent {
+        fn new() -> Self {
+            Self {
+                layers: 2,
+                dim: 3,
+                vocab: 7,
+                fail: Arc::default(),
+            }
+        }
+    }
+
+    impl CausalLm for ToyRecurrent {
+        fn state_spec(&self) -> StateSpec {
+            let layer = LayerState {
+                attention: None,
+                recurrent: Some(vec![self.dim]),
+            };
+            StateSpec {
+                layers: vec![layer; self.layers],
+            }
+        }
+
+        fn vocab_size(&self) -> usize {
+            self.vocab
+        }
+
+        fn max_position_embeddings(&self) -> usize {
+            64
+        }
+
+        fn max_step_tokens(&self) -> Option<usize> {
+            Some(1)
+        }
+
+        fn forward(&self, step: &Step, _logits: LogitsMode) -> Result<Tensor> {
+            let batch = step.batch();
+            assert_eq!(batch.seq_len, 1, "one token per cached step");
+            let device = batch.input_ids.device();
+            let scale = Tensor::arange(1f32, self.dim as f32 + 1., device)?;
+            let tokens = batch.input_ids.to_dtype(DType::F32)?; // [rows, 1]
+            let mut x = tokens.broadcast_mul(&scale.unsqueeze(0)?)?; // [rows, dim]
+            for layer in 0..self.layers {
+                let h = step.recurrent(layer)?.rows(batch)?;
+                let new = ((h * 0.5)? + &x)?;
+                step.write_recurrent(layer, new.clone())?;
+                x = new;
+            }
+            if self.fail.load(Ordering::SeqCst) {
+                return Err(EngineError::Internal("injected failure".into()));
+            }
+            let weights = Tensor::arange(0f32, (self.vocab * self.dim) as f32, device)?
+                .reshape((self.vocab, self.dim))?
+                .sin()?;
+            Ok(x.matmul(&weights.t()?)?)
+        }
+    }
+
+    fn make_generator(model: Box<dyn CausalLm>) -> Generator {
+        let config = GeneratorConfig {
+            max_sequences: 3,
+            ..GeneratorConfig::default()
+        };
+        Generator::new(model, &config, &Device::Cpu, DType::F32).unwrap()
+    }
+
+    fn toy_generator(model: ToyRecurrent) -> Generator {
+        make_generator(Box::new(model))
+    }
+
+    fn argmax(logits: &[f32]) -> u32 {
+        let mut best = 0;
+        for (i, &l) in logits.iter().enumerate() {
+            if l > logits[best] {
+                best = i;
+            }
+        }
+        best as u32
+    }
+
+    /// Greedy decoding of `steps` tokens after each prompt, all sequences in the same steps;
+    /// returns every sequence's logits after its prompt and after each generated token.
+    fn run(
+        generator: &mut Generator,
+        slots: &[usize],
+        prompts: &[&[u32]],
+        steps: usize,
+    ) -> Vec<Vec<Vec<f32>>> {
+        let rows: Vec<StepRow> = slots
+            .iter()
+            .zip(prompts)
+            .map(|(&slot, &tokens)| StepRow { slot, tokens })
+            .collect();
+        let mut logits: Vec<Vec<Vec<f32>>> = generator
+            .prefill(&rows)
+            .unwrap()
+            .into_iter()
+            .map(|row| vec![row])
+            .collect();
+        for _ in 0..steps {
+            let next: Vec<(usize, u32)> = slots
+                .iter()
+                .zip(&logits)
+                .map(|(&slot, seen)| (slot, argmax(seen.last().unwrap())))
+                .collect();
+            for (seen, row) in logits.iter_mut().zip(generator.decode(&next).unwrap()) {
+                seen.push(row);
+            }
+        }
+        logits
+    }
+
+    fn recurrent_values(generator: &Generator) -> Vec<Vec<Vec<f32>>> {
+        (0..2)
+            .map(|layer| {
+                generator
+                    .state()
+                    .recurrent(layer)
+                    .unwrap()
+                    .all()
+                    .to_vec2()
+                    .unwrap()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn recurrent_state_decodes_alone_and_batched_and_a_reused_slot_starts_from_zero() {
+        let prompt: &[u32] = &[1, 4, 2];
+        let mut generator = toy_generator(ToyRecurrent::new());
+        assert_eq!(
+            generator.prefill_chunk(),
+            1,
+            "the model reads one token per step"
+        );
+        let slot = generator.allocate().unwrap();
+        let alone = run(&mut generator, &[slot], &[prompt], 4).remove(0);
+        assert_eq!(generator.state().len(slot).unwrap(), prompt.len() + 4);
+        generator.release(slot);
+
+        // The same prompt beside two others, in the slot the first run left a non-zero state in.
+        let slots: Vec<usize> = (0..3).map(|_| generator.allocate().unwrap()).collect();
+        assert_eq!(slots[0], slot, "the lowest free slot is reused");
+        let batched = run(&mut generator, &slots, &[prompt, &[3], &[6, 6, 5, 1, 2]], 4);
+        assert_eq!(
+            batched[0], alone,
+            "a reused slot starts from zero; batching changes nothing"
+        );
+        assert_ne!(batched[1], alone);
+    }
+
+    /// The bundled tiny Mistral, failing its steps on demand after the whole forward pass
+    /// (every layer has handed back its keys and values by then).
+    struct FailingAfterForward {
+        inner: Box<dyn CausalLm>,
+        fail: Arc<AtomicBool>,
+    }
+
+    impl CausalLm for FailingAfterForward {
+        fn state_spec(&self) -> StateSpec {
+            self.inner.state_spec()
+        }
+        fn vocab_size(&self) -> usize {
+            self.inner.vocab_size()
+        }
+        fn max_position_embeddings(&self) -> usize {
+            self.inner.max_position_embeddings()
+        }
+        fn forward(&self, step: &Step, logits: LogitsMode) -> Result<Tensor> {
+            let output = self.inner.forward(step, logits)?;
+            if self.fail.load(Ordering::SeqCst) {
+                return Err(EngineError::Internal("injected failure".into()));
+            }
+            Ok(output)
+        }
+    }
+
+    fn bundled_mistral() -> Box<dyn CausalLm> {
+        let files = ModelFiles::resolve(&ModelSource::Bundled).unwrap();
+        let vb = files.var_builder(DType::F32, &Device::Cpu).unwrap();
+        crate::models::load_causal_lm(&files.config, vb).unwrap()
+    }
+
+    /// Every layer's ring, keys then values, and every slot's length.
+    fn snapshot(generator: &Generator, slots: &[usize]) -> (Vec<Vec<f32>>, Vec<usize>) {
+        let layers = generator.state().spec().layers.len();
+        let rings = (0..layers)
+            .flat_map(|layer| {
+                let ring = generator.state().ring(layer).unwrap();
+                [&ring.keys, &ring.values].map(|t| t.flatten_all().unwrap().to_vec1().unwrap())
+            })
+            .collect();
+        let lengths = slots
+            .iter()
+            .map(|&s| generator.state().len(s).unwrap())
+            .collect();
+        (rings, lengths)
+    }
+
+    #[test]
+    fn a_failed_attention_step_changes_no_ring_and_no_length() {
+        let fail = Arc::new(AtomicBool::new(false));
+        let mut generator = make_generator(Box::new(FailingAfterForward {
+            inner: bundled_mistral(),
+            fail: fail.clone(),
+        }));
+        let mut reference = make_generator(bundled_mistral());
+        let prompts: [&[u32]; 2] = [&[1, 20, 30, 40, 50], &[1, 7]];
+        let mut slots = Vec::new();
+        for g in [&mut generator, &mut reference] {
+            slots = (0..2).map(|_| g.allocate().unwrap()).collect();
+            run(g, &slots, &prompts, 2);
+        }
+        let before = snapshot(&generator, &slots);
+        fail.store(true, Ordering::SeqCst);
+        assert!(generator.decode(&[(slots[0], 3), (slots[1], 4)]).is_err());
+        assert!(generator
+            .prefill(&[StepRow {
+                slot: slots[1],
+                tokens: &[9, 10, 11],
+            }])
+            .is_err());
+        assert!(
+            snapshot(&generator, &slots) == before,
+            "a failed step changed the state"
+        );
+        fail.store(false, Ordering::SeqCst);
+        assert_eq!(
+            generator.decode(&[(slots[0], 3), (slots[1], 4)]).unwrap(),
+            reference.decode(&[(slots[0], 3), (slots[1], 4)]).unwrap()
+        );
+    }
+
+    #[test]
+    fn a_failed_step_changes_no_sequence() {
+        let toy = ToyRecurrent::new();
+        let fail = toy.fail.clone();
+        let mut generator = toy_generator(toy);
+        let slots: Vec<usize> = (0..2).map(|_| generator.allocate().unwrap()).collect();
+        run(&mut generator, &slots, &[&[1, 2], &[5]], 1);
+        let lengths: Vec<usize> = slots
+            .iter()
+            .map(|&s| generator.state().len(s).unwrap())
+            .collect();
+        let before = recurrent_values(&generator);
+        let mut reference = toy_generator(ToyRecurrent::new());
+        for &slot in &slots {
+            assert_eq!(reference.allocate().unwrap(), slot);
+        }
+        run(&mut reference, &slots, &[&[1, 2], &[5]], 1);
+
+        fail.store(true, Ordering::SeqCst);
+        assert!(generator.decode(&[(slots[0], 3), (slots[1], 4)]).is_err());
+        assert!(generator
+            .prefill(&[StepRow {
+                slot: slots[1],
+                tokens: &[1, 2]
+            }])
+            .is_err());
+        fail.store(false, Ordering::SeqCst);
+        let after: Vec<usize> = slots
+            .iter()
+            .map(|&s| generator.state().len(s).unwrap())
+            .collect();
+        assert_eq!(after, lengths, "lengths unchanged");
+        assert_eq!(recurrent_values(&generator), before, "state unchanged");
+        // The step then succeeds exactly as if the failure had never happened.
+        assert_eq!(
+            generator.decode(&[(slots[0], 3), (slots[1], 4)]).unwrap(),
+            reference.decode(&[(slots[0], 3), (slots[1], 4)]).unwrap()
+        );
+    }
+}
