@@ -3,10 +3,12 @@
 //!
 //! Each fixture's reference.safetensors holds a right-padded batch (input_ids, attention_mask,
 //! token_type_ids; `[batch, choices, len]` for multiple choice) and the head's outputs for it,
-//! and a second batch of text pairs under `pair_`-prefixed names for some heads. We unpad every
-//! row by its attention mask, run all rows in one forward, and compare every output at every
-//! unmasked position: |ours - transformers| <= 1e-4. Every row is also run alone and must give
-//! what it gave in the batch (|difference| <= 1e-5), and every fixture directory must be
+//! and a second batch of text pairs under `pair_`-prefixed names for some heads, and under
+//! `alone_`-prefixed names the same outputs with each row run alone by transformers. We unpad
+//! every row by its attention mask, run all rows in one forward, and compare every output at
+//! every unmasked position: |ours - transformers| <= 1e-4. Every row is also run alone and must
+//! give what it gave in the batch (|difference| <= 1e-5) and, where the fixture has `alone_`
+//! references, what transformers gave for it alone (<= 1e-4). Every fixture directory must be
 //! checked: a new fixture cannot go untested, and an output the test does not know fails it.
 //!
 //! One deviation from transformers is deliberate. With MobileBERT's `trigram_input`, each token
@@ -14,12 +16,12 @@
 //! reads the embedding of the `[PAD]` after it, so its outputs change with the batch it is padded
 //! in (by up to 0.5 on these fixtures). We give every sequence the result it has alone, as the
 //! pipelines (one sequence per forward) do. For such rows the batch reference is not the
-//! sequence's own result: they are compared with `alone_`-prefixed references (each row run
-//! alone by transformers) when the fixture has them, and otherwise with our own run alone only,
-//! which the summary counts.
+//! sequence's own result: they are compared with the `alone_` references instead, and a fixture
+//! without them for such a row fails (the row would be checked against our own run alone only).
 //!
 //! The causal-LM fixture (MegatronBertForCausalLM) is checked through the Generator: logits of
-//! the batch at every real position, and greedy generations alone and batched.
+//! the batch and of each prompt alone at every real position, and greedy generations alone and
+//! batched.
 //!
 //! CANDLEWICK_ENCODER_FIXTURES points the test at another fixtures tree.
 
@@ -111,9 +113,6 @@ struct Report {
     comparisons: Vec<Comparison>,
     /// Largest |batch - alone| over every row and output.
     batch_invariance: f32,
-    /// Rows compared with our own run alone only (padded trigram rows without an `alone_`
-    /// reference).
-    rows_checked_alone_only: usize,
     rows: usize,
 }
 
@@ -304,6 +303,7 @@ fn check_encoder(dir: &Path) -> Result<Report, String> {
             let per_token = is_per_token(key, task);
             let mut largest = 0f32;
             let mut values = 0;
+            let mut alone_largest = 0f32;
             for (row, input) in inputs.iter().enumerate() {
                 let len = input.ids.len();
                 let actual =
@@ -318,15 +318,13 @@ fn check_encoder(dir: &Path) -> Result<Report, String> {
                 )?);
                 let padded = len < width;
                 let expected_row = if leaky && padded {
-                    match alone_reference {
-                        Some(alone_reference) => {
-                            expected_of_row(alone_reference, row, len, per_token, multiple_choice)
-                        }
-                        None => {
-                            report.rows_checked_alone_only += 1;
-                            continue;
-                        }
-                    }
+                    let alone_reference = alone_reference.ok_or_else(|| {
+                        format!(
+                            "{what}, row {row}: padded trigram row without an alone_{full_key} \
+                             reference, so it would be checked against our own run alone only"
+                        )
+                    })?;
+                    expected_of_row(alone_reference, row, len, per_token, multiple_choice)
                 } else {
                     expected_of_row(expected, row, len, per_token, multiple_choice)
                 };
@@ -337,14 +335,28 @@ fn check_encoder(dir: &Path) -> Result<Report, String> {
                     TOLERANCE,
                 )?);
                 values += expected_row.len();
+                if let Some(alone_reference) = alone_reference {
+                    alone_largest = alone_largest.max(compare(
+                        &format!("{name}: alone_{full_key}, row {row} run alone"),
+                        &expected_of_row(alone_reference, row, len, per_token, multiple_choice),
+                        &alone_actual,
+                        TOLERANCE,
+                    )?);
+                }
             }
             unchecked.remove(full_key);
-            unchecked.remove(&format!("alone_{full_key}"));
             report.comparisons.push(Comparison {
                 name: full_key.clone(),
                 largest,
                 values,
             });
+            if unchecked.remove(&format!("alone_{full_key}")) {
+                report.comparisons.push(Comparison {
+                    name: format!("alone_{full_key}"),
+                    largest: alone_largest,
+                    values,
+                });
+            }
         }
     }
     if !unchecked.is_empty() {
@@ -419,7 +431,7 @@ fn check_causal_lm(dir: &Path) -> Result<Report, String> {
         .map_err(|e| format!("{name}: loading: {e}"))?;
     let reference = candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu)
         .map_err(|e| format!("{name}: reading reference.safetensors: {e}"))?;
-    let known: BTreeSet<&str> = ["input_ids", "attention_mask", "logits"].into();
+    let known: BTreeSet<&str> = ["input_ids", "attention_mask", "logits", "alone_logits"].into();
     let unknown: Vec<&String> = reference
         .keys()
         .filter(|key| !known.contains(key.as_str()))
@@ -472,6 +484,33 @@ fn check_causal_lm(dir: &Path) -> Result<Report, String> {
     for slot in slots {
         generator.release(slot);
     }
+    let mut alone_largest = 0f32;
+    let mut alone_values = 0;
+    if let Some(alone_reference) = reference.get("alone_logits") {
+        let alone_expected = rows_of(alone_reference);
+        for (row, prompt) in prompts.iter().enumerate() {
+            let slot = generator.allocate().unwrap();
+            let logits = generator
+                .step(
+                    &[StepRow {
+                        slot,
+                        tokens: prompt,
+                    }],
+                    LogitsMode::All,
+                )
+                .map_err(|e| format!("{name}: step alone: {e}"))?;
+            generator.release(slot);
+            let ours: Vec<Vec<f32>> = logits.get(0).unwrap().to_vec2().unwrap();
+            let ours = ours[logits.dim(1).unwrap() - prompt.len()..].concat();
+            alone_largest = alone_largest.max(compare(
+                &format!("{name}: alone_logits, row {row} run alone"),
+                &alone_expected[row][..prompt.len() * vocab],
+                &ours,
+                TOLERANCE,
+            )?);
+            alone_values += prompt.len() * vocab;
+        }
+    }
 
     let generations: Vec<Generation> =
         serde_json::from_str(&std::fs::read_to_string(dir.join("generations.json")).unwrap())
@@ -496,6 +535,11 @@ fn check_causal_lm(dir: &Path) -> Result<Report, String> {
                 values,
             },
             Comparison {
+                name: "alone_logits".into(),
+                largest: alone_largest,
+                values: alone_values,
+            },
+            Comparison {
                 name: format!("greedy tokens ({} prompts x {new_tokens})", prompts.len()),
                 largest: 0.0,
                 values: prompts.len() * new_tokens,
@@ -512,7 +556,6 @@ fn every_encoder_fixture_matches_transformers_at_every_unmasked_position() {
     let dirs = fixture_dirs(&root);
     assert!(!dirs.is_empty(), "no fixtures under {}", root.display());
     let mut failures = Vec::new();
-    let mut alone_only = 0;
     for dir in &dirs {
         let name = fixture_name(dir);
         let architecture = architecture(&config(dir));
@@ -530,28 +573,14 @@ fn every_encoder_fixture_matches_transformers_at_every_unmasked_position() {
                     );
                 }
                 eprintln!(
-                    "{name:<46} {:<28} max |diff| {:.2e} over {} rows{}",
-                    "batch vs alone",
-                    report.batch_invariance,
-                    report.rows,
-                    if report.rows_checked_alone_only > 0 {
-                        format!(
-                            " ({} padded trigram row-outputs checked against our run alone only)",
-                            report.rows_checked_alone_only
-                        )
-                    } else {
-                        String::new()
-                    }
+                    "{name:<46} {:<28} max |diff| {:.2e} over {} rows",
+                    "batch vs alone", report.batch_invariance, report.rows,
                 );
-                alone_only += report.rows_checked_alone_only;
             }
             Err(failure) => failures.push(failure),
         }
     }
-    eprintln!(
-        "{} fixtures checked; {alone_only} padded trigram row-outputs had no alone_ reference",
-        dirs.len()
-    );
+    eprintln!("{} fixtures checked", dirs.len());
     assert!(
         failures.is_empty(),
         "{} of {} fixtures failed:\n{}",
