@@ -1,4 +1,4 @@
-//! Candlewick's engine: models, weights loading, tokenizers, the rolling KV cache and sampling.
+//! Candlewick's engine: models, weights loading, tokenizers, sequence state and sampling.
 //! No async and no HTTP: the scheduler drives it from its own thread.
 
 pub mod attention;
@@ -10,6 +10,7 @@ pub mod kernels;
 pub mod layers;
 pub mod loader;
 pub mod models;
+pub mod registry;
 pub mod sampling;
 pub mod tokenizer;
 
@@ -54,27 +55,6 @@ pub struct LoadedGenerator {
     pub architecture: String,
 }
 
-/// A sequence classifier ready to score texts, with its tokenizer.
-pub struct LoadedClassifier {
-    /// The model.
-    pub classifier: Box<dyn encoder::labels::SequenceClassifier>,
-    /// The model's tokenizer.
-    pub tokenizer: Tokenizer,
-    /// The architecture config.json named.
-    pub architecture: String,
-}
-
-/// Resolves `source` and loads it as a sequence classifier.
-pub fn load_classifier(source: &ModelSource, options: &LoadOptions) -> Result<LoadedClassifier> {
-    let opened = OpenedModel::open(source, options)?;
-    let classifier = models::load_sequence_classifier(&opened.files.config, opened.weights)?;
-    Ok(LoadedClassifier {
-        classifier,
-        tokenizer: opened.tokenizer,
-        architecture: opened.architecture,
-    })
-}
-
 /// An encoder with its head, ready to run batches, with its tokenizer.
 pub struct LoadedEncoder {
     /// The model and its head.
@@ -91,13 +71,19 @@ pub struct LoadedEncoder {
 /// Resolves `source` and loads it as an encoder with the head its config.json names.
 pub fn load_encoder(source: &ModelSource, options: &LoadOptions) -> Result<LoadedEncoder> {
     let opened = OpenedModel::open(source, options)?;
-    let model = models::load_encoder(&opened.files.config, opened.weights)?;
+    let model = registry::load_encoder(&opened.files.config, opened.weights)?;
     Ok(LoadedEncoder {
         model,
         tokenizer: opened.tokenizer,
         tokenizer_config: opened.files.tokenizer_config,
         architecture: opened.architecture,
     })
+}
+
+/// What the checkpoint at `source` is served as, read from its config.json alone.
+pub fn model_kind(source: &ModelSource) -> Result<registry::Kind> {
+    let files = ModelFiles::resolve(source)?;
+    Ok(registry::lookup(&files.config)?.kind)
 }
 
 /// A model's files with its tokenizer read and its weights opened.
@@ -122,7 +108,7 @@ impl OpenedModel {
             &files.config,
         )?;
         let config: serde_json::Value = models::parse_config(&files.config)?;
-        let architecture = models::architecture(&config).unwrap_or_default();
+        let architecture = registry::architecture_name(&config).unwrap_or_default();
         let weights = files.var_builder(dtype, &options.device)?;
         Ok(Self {
             files,
@@ -137,7 +123,7 @@ impl OpenedModel {
 /// Resolves `source`, loads its weights and tokenizer, and allocates the KV cache.
 pub fn load_generator(source: &ModelSource, options: &LoadOptions) -> Result<LoadedGenerator> {
     let opened = OpenedModel::open(source, options)?;
-    let model = models::load_causal_lm(&opened.files.config, opened.weights)?;
+    let model = registry::load_causal_lm(&opened.files.config, opened.weights)?;
     let generator = Generator::new(model, &options.generator, &options.device, opened.dtype)?;
     Ok(LoadedGenerator {
         generator,

@@ -4,7 +4,8 @@
 use std::path::{Path, PathBuf};
 
 use candlewick_engine::encoder::labels::ScoreFunction;
-use candlewick_engine::{load_classifier, LoadOptions, ModelSource};
+use candlewick_engine::encoder::{EncoderInput, EncoderOutput, EncoderTask};
+use candlewick_engine::{load_encoder, LoadOptions, ModelSource};
 use serde::Deserialize;
 
 /// Largest absolute difference allowed in logits and scores (f32).
@@ -50,8 +51,22 @@ fn classifiers_match_transformers_alone_and_in_a_batch() {
         let text = std::fs::read_to_string(fixture(name).join("classification.json")).unwrap();
         let reference: Reference = serde_json::from_str(&text).unwrap();
         let loaded =
-            load_classifier(&ModelSource::Dir(fixture(name)), &LoadOptions::default()).unwrap();
-        let labels = loaded.classifier.labels();
+            load_encoder(&ModelSource::Dir(fixture(name)), &LoadOptions::default()).unwrap();
+        assert_eq!(loaded.model.task(), EncoderTask::SequenceClassification);
+        let labels = loaded.model.labels().expect("a classifier has labels");
+        let classify = |sequences: &[Vec<u32>]| -> Vec<Vec<f32>> {
+            let inputs: Vec<EncoderInput> = sequences
+                .iter()
+                .map(|ids| EncoderInput {
+                    ids: ids.clone(),
+                    type_ids: vec![0; ids.len()],
+                })
+                .collect();
+            match loaded.model.forward(&inputs).unwrap() {
+                EncoderOutput::Sequences(logits) => logits,
+                other => panic!("{name}: a classifier answered {other:?}"),
+            }
+        };
         assert_eq!(labels.names, reference.labels, "{name}");
         assert_eq!(
             labels.default_function, expected_function,
@@ -66,10 +81,7 @@ fn classifiers_match_transformers_alone_and_in_a_batch() {
                 "{name}: {:?}",
                 case.text
             );
-            let logits = loaded
-                .classifier
-                .classify(std::slice::from_ref(&case.ids))
-                .unwrap();
+            let logits = classify(std::slice::from_ref(&case.ids));
             assert_close(
                 &format!("{name} {:?} logits", case.text),
                 &logits[0],
@@ -83,7 +95,7 @@ fn classifiers_match_transformers_alone_and_in_a_batch() {
             );
         }
         let all: Vec<Vec<u32>> = reference.cases.iter().map(|c| c.ids.clone()).collect();
-        let batch = loaded.classifier.classify(&all).unwrap();
+        let batch = classify(&all);
         for (case, logits) in reference.cases.iter().zip(&batch) {
             assert_close(
                 &format!("{name} {:?} in a batch", case.text),
@@ -97,7 +109,7 @@ fn classifiers_match_transformers_alone_and_in_a_batch() {
 #[test]
 fn a_generator_checkpoint_is_not_a_classifier() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/mistral/w4-gqa1");
-    let error = load_classifier(&ModelSource::Dir(dir), &LoadOptions::default())
+    let error = load_encoder(&ModelSource::Dir(dir), &LoadOptions::default())
         .err()
         .unwrap()
         .to_string();

@@ -401,7 +401,7 @@ mod tests {
     fn bundled_mistral() -> Box<dyn CausalLm> {
         let files = ModelFiles::resolve(&ModelSource::Bundled).unwrap();
         let vb = files.var_builder(DType::F32, &Device::Cpu).unwrap();
-        crate::models::load_causal_lm(&files.config, vb).unwrap()
+        crate::registry::load_causal_lm(&files.config, vb).unwrap()
     }
 
     /// Every layer's ring, keys then values, and every slot's length.

@@ -96,14 +96,6 @@ impl Labels {
     }
 }
 
-/// A model that scores whole sequences.
-pub trait SequenceClassifier: Send {
-    /// Raw logits, one row of `labels().names.len()` per sequence.
-    fn classify(&self, sequences: &[Vec<u32>]) -> Result<Vec<Vec<f32>>>;
-    /// The labels and the default score function.
-    fn labels(&self) -> &Labels;
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

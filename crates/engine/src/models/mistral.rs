@@ -9,7 +9,7 @@ use crate::attention::{Attention, AttentionPattern, AttentionSpec};
 use crate::decoder::state::{SequenceState, StateSpec};
 use crate::decoder::step::{Step, StepBatch, StepRow};
 use crate::decoder::{CausalLm, LogitsMode};
-use crate::encoder::labels::{Labels, SequenceClassifier};
+use crate::encoder::labels::Labels;
 use crate::encoder::{EncoderInput, EncoderModel, EncoderOutput, EncoderTask};
 use crate::error::{EngineError, Result};
 use crate::layers::SparseMoe;
@@ -512,17 +512,6 @@ impl MistralForSequenceClassification {
             .forward(&Tensor::stack(&pooled, 0)?)?
             .to_dtype(DType::F32)?;
         Ok(logits.to_vec2()?)
-    }
-}
-
-impl SequenceClassifier for MistralForSequenceClassification {
-    fn classify(&self, sequences: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
-        let sequences: Vec<&[u32]> = sequences.iter().map(Vec::as_slice).collect();
-        self.logits(&sequences)
-    }
-
-    fn labels(&self) -> &Labels {
-        &self.labels
     }
 }
 

@@ -1,8 +1,10 @@
-//! `candlewick classify`: a sequence classifier from the command line.
+//! `candlewick classify`: any sequence classifier (an encoder's or a decoder's head) from the
+//! command line.
 
 use anyhow::{bail, Result};
 use candlewick_engine::encoder::labels::ScoreFunction;
-use candlewick_engine::{load_classifier, LoadOptions};
+use candlewick_engine::encoder::{EncoderInput, EncoderOutput, EncoderTask};
+use candlewick_engine::{load_encoder, LoadOptions};
 
 use crate::ModelArgs;
 
@@ -31,8 +33,15 @@ pub fn run(args: ClassifyArgs) -> Result<()> {
         dtype: args.model.dtype()?,
         ..LoadOptions::default()
     };
-    let loaded = load_classifier(&args.model.source()?, &options)?;
-    let labels = loaded.classifier.labels();
+    let loaded = load_encoder(&args.model.source()?, &options)?;
+    let (task, labels) = (loaded.model.task(), loaded.model.labels());
+    let Some(labels) = labels.filter(|_| task == EncoderTask::SequenceClassification) else {
+        bail!(
+            "{} is a {} model, not a sequence classifier",
+            loaded.architecture,
+            task.name()
+        );
+    };
     let function = match &args.function_to_apply {
         Some(name) => ScoreFunction::parse(name)?,
         None => labels.default_function,
@@ -50,7 +59,19 @@ pub fn run(args: ClassifyArgs) -> Result<()> {
     {
         bail!("{:?} has no tokens", empty.0);
     }
-    let logits = loaded.classifier.classify(&sequences)?;
+    let inputs: Vec<EncoderInput> = sequences
+        .into_iter()
+        .map(|ids| EncoderInput {
+            type_ids: vec![0; ids.len()],
+            ids,
+        })
+        .collect();
+    let EncoderOutput::Sequences(logits) = loaded.model.forward(&inputs)? else {
+        bail!(
+            "{} did not answer one row of logits per text",
+            loaded.architecture
+        );
+    };
     for (text, row) in args.text.iter().zip(&logits) {
         let mut scored: Vec<(&String, f32)> =
             labels.names.iter().zip(function.apply(row)).collect();

@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device};
+use candlewick_engine::registry::Kind;
 use candlewick_engine::{
-    load_encoder, load_generator, models, GeneratorConfig, LoadOptions, ModelFiles, ModelSource,
+    load_encoder, load_generator, model_kind, GeneratorConfig, LoadOptions, ModelSource,
 };
 use candlewick_scheduler::{EncoderConfig, SchedulerConfig};
 use candlewick_server::config::{ServeArgs, Settings};
@@ -74,14 +75,10 @@ pub fn run(args: ServeArgs) -> Result<()> {
     Ok(())
 }
 
-/// Whether config.json names an encoder (or a sequence classifier), served by the task routes,
+/// Whether the checkpoint is an encoder (or a sequence classifier), served by the task routes,
 /// rather than a causal LM.
 fn serves_encoder(source: &ModelSource) -> Result<bool> {
-    let files = ModelFiles::resolve(source)?;
-    let config: serde_json::Value = models::parse_config(&files.config)?;
-    let architecture = models::architecture(&config).unwrap_or_default();
-    Ok(models::SUPPORTED_ENCODERS.contains(&architecture.as_str())
-        || models::SUPPORTED_CLASSIFIERS.contains(&architecture.as_str()))
+    Ok(matches!(model_kind(source)?, Kind::Encoder(_)))
 }
 
 fn load_generator_state(
