@@ -159,32 +159,24 @@ impl Attention {
             }
             None => None,
         };
-        let output = if queries.device().is_cpu()
+        let attend = if queries.device().is_cpu()
             && queries.dtype() == DType::F32
             && !crate::kernels::generic_only()
         {
-            cpu::attend(
-                &self.spec,
-                queries,
-                keys,
-                values,
-                bias.as_ref(),
-                &mask,
-                ring,
-                batch,
-            )?
+            cpu::attend
         } else {
-            generic::attend(
-                &self.spec,
-                queries,
-                keys,
-                values,
-                bias.as_ref(),
-                &mask,
-                ring,
-                batch,
-            )?
+            generic::attend
         };
+        let output = attend(
+            &self.spec,
+            queries,
+            keys,
+            values,
+            bias.as_ref(),
+            &mask,
+            ring,
+            batch,
+        )?;
         step.write_entries(layer, keys.clone(), values.clone())?;
         Ok(output)
     }
