@@ -191,40 +191,49 @@ pub fn lookup(config_json: &str) -> Result<&'static Architecture> {
         })
 }
 
+/// The row of the architecture `config_json` names, when it is of the kind asked for (an encoder
+/// when `encoders`, else a generator); the refusal lists that kind's architectures.
+fn lookup_kind(config_json: &str, encoders: bool) -> Result<&'static Architecture> {
+    let refuse = |found: String| {
+        Err(EngineError::UnsupportedArchitecture {
+            found,
+            supported: supported(encoders),
+        })
+    };
+    match lookup(config_json) {
+        Ok(architecture) if matches!(architecture.kind, Kind::Encoder(_)) == encoders => {
+            Ok(architecture)
+        }
+        Ok(architecture) => refuse(architecture.name.to_string()),
+        Err(EngineError::UnsupportedArchitecture { found, .. }) => refuse(found),
+        Err(other) => Err(other),
+    }
+}
+
 /// Builds the causal LM that `config_json` describes from the weights in `vb`.
 pub fn load_causal_lm(config_json: &str, vb: VarBuilder) -> Result<Box<dyn CausalLm>> {
-    match lookup(config_json).map(|a| (a, a.loader)) {
-        Ok((_, Loader::Generator(load))) => load(config_json, vb),
-        Ok((architecture, Loader::Encoder(_))) => Err(EngineError::UnsupportedArchitecture {
-            found: architecture.name.to_string(),
-            supported: supported(false),
-        }),
-        Err(EngineError::UnsupportedArchitecture { found, .. }) => {
-            Err(EngineError::UnsupportedArchitecture {
-                found,
-                supported: supported(false),
-            })
-        }
-        Err(other) => Err(other),
+    let architecture = lookup_kind(config_json, false)?;
+    match architecture.loader {
+        Loader::Generator(load) => load(config_json, vb),
+        Loader::Encoder(_) => Err(mismatch(architecture)),
     }
 }
 
 /// Builds the encoder and head that `config_json` describes from the weights in `vb`.
 pub fn load_encoder(config_json: &str, vb: VarBuilder) -> Result<Box<dyn EncoderModel>> {
-    match lookup(config_json).map(|a| (a, a.kind, a.loader)) {
-        Ok((_, Kind::Encoder(task), Loader::Encoder(load))) => load(config_json, vb, task),
-        Ok((architecture, ..)) => Err(EngineError::UnsupportedArchitecture {
-            found: architecture.name.to_string(),
-            supported: supported(true),
-        }),
-        Err(EngineError::UnsupportedArchitecture { found, .. }) => {
-            Err(EngineError::UnsupportedArchitecture {
-                found,
-                supported: supported(true),
-            })
-        }
-        Err(other) => Err(other),
+    let architecture = lookup_kind(config_json, true)?;
+    match (architecture.kind, architecture.loader) {
+        (Kind::Encoder(task), Loader::Encoder(load)) => load(config_json, vb, task),
+        _ => Err(mismatch(architecture)),
     }
+}
+
+/// A row whose loader is not of its kind: a bug in the table.
+fn mismatch(architecture: &Architecture) -> EngineError {
+    EngineError::Internal(format!(
+        "the registry row of {} has a loader of another kind",
+        architecture.name
+    ))
 }
 
 fn load_mistral(config_json: &str, vb: VarBuilder) -> Result<Box<dyn CausalLm>> {
