@@ -9,6 +9,7 @@ import base64
 import json
 import struct
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -195,6 +196,36 @@ def test_openai_embeddings_equal_transformers_mean_pooling(servers: dict[str, Se
                      timeout=REQUEST_TIMEOUT_S).json()
     decoded = struct.unpack(f"<{width}f", base64.b64decode(raw["data"][0]["embedding"]))
     assert max(abs(a - b) for a, b in zip(decoded, response.data[0].embedding)) <= 1e-6
+
+
+def test_a_bad_embeddings_request_never_fails_the_good_ones_beside_it(servers: dict[str, Server]) -> None:
+    """Fifteen good requests and one with a token id past the vocabulary, all at once: the bad
+    one is refused with a 400 before it can join a batch, and every good one gets its
+    embedding, equal to transformers' mean pooling."""
+    reference = read_safetensors(TASKS["base"] / "reference.safetensors")
+    (batch, length), ids = reference["input_ids"]
+    _, mask = reference["attention_mask"]
+    (_, width), pooled = reference["mean_pooled"]
+    vocab_size = json.loads((TASKS["base"] / "config.json").read_text())["vocab_size"]
+    rows = [[ids[r * length + t] for t in range(length) if mask[r * length + t]] for r in range(batch)]
+    url = f"{servers['base'].url}/v1/embeddings"
+
+    def embed(tokens: list[int]) -> httpx.Response:
+        return httpx.post(url, json={"model": "base", "input": [tokens]}, timeout=REQUEST_TIMEOUT_S)
+
+    good = [rows[i % batch] for i in range(15)]
+    bad = rows[0][:-1] + [vocab_size]
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        futures = [pool.submit(embed, tokens) for tokens in good[:8] + [bad] + good[8:]]
+        responses = [future.result() for future in futures]
+    refused = responses.pop(8)
+    assert_error(refused, 400, mentions=[f"token id {vocab_size}"])
+    assert refused.json()["error"]["param"] == "input"
+    for i, response in enumerate(responses):
+        assert response.status_code == 200, response.text
+        embedding = response.json()["data"][0]["embedding"]
+        expected = pooled[(i % batch) * width:((i % batch) + 1) * width]
+        assert max(abs(a - b) for a, b in zip(embedding, expected)) <= SCORE_TOLERANCE
 
 
 @pytest.mark.parametrize(

@@ -56,5 +56,24 @@ pub enum EngineError {
     Candle(#[from] candle_core::Error),
 }
 
+impl EngineError {
+    /// Whether the request is at fault: its input breaks the model's limits or cannot be
+    /// tokenized (a 4xx), as opposed to a file, a configuration, a full pool or the engine
+    /// itself (a 5xx). The one place that decides.
+    pub fn is_request_fault(&self) -> bool {
+        match self {
+            Self::InvalidRequest(_) | Self::ContextOverflow { .. } | Self::Tokenizer(_) => true,
+            Self::MissingFile { .. }
+            | Self::NotCached { .. }
+            | Self::BadFile { .. }
+            | Self::UnsupportedArchitecture { .. }
+            | Self::UnsupportedConfig(_)
+            | Self::NoFreeSlot { .. }
+            | Self::Internal(_)
+            | Self::Candle(_) => false,
+        }
+    }
+}
+
 /// The engine's result type.
 pub type Result<T> = std::result::Result<T, EngineError>;

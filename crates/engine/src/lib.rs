@@ -17,7 +17,10 @@ pub mod tokenizer;
 pub use decoder::generator::{Generator, GeneratorConfig};
 pub use decoder::step::StepRow;
 pub use decoder::LogitsMode;
-pub use encoder::{EncoderInput, EncoderModel, EncoderOutput, EncoderTask};
+pub use encoder::{
+    EncoderContract, EncoderInput, EncoderModel, EncoderOutput, EncoderTask, EntityInput, Pooling,
+    Requested,
+};
 pub use error::{EngineError, Result};
 pub use loader::{ModelFiles, ModelSource};
 pub use tokenizer::Tokenizer;

@@ -371,14 +371,14 @@ mod tests {
         ))
         .expect("read by model_type");
         assert_eq!(model.task(), EncoderTask::FeatureExtraction);
-        let input = crate::encoder::EncoderInput {
-            ids: vec![1, 2, 3],
-            type_ids: vec![0, 0, 1],
-        };
-        match model.forward(&[input]).expect("runs") {
-            crate::encoder::EncoderOutput::Hidden { last, pooled } => {
-                assert_eq!((last[0].len(), last[0][0].len()), (3, 8));
-                assert_eq!(pooled.expect("pooler")[0].len(), 8);
+        let input = crate::encoder::EncoderInput::new(vec![1, 2, 3], vec![0, 0, 1]);
+        match &model.forward(&[input]).expect("runs")[..] {
+            [crate::encoder::EncoderOutput::Hidden {
+                last,
+                pooled: Some(pooled),
+            }] => {
+                assert_eq!((last.len(), last[0].len()), (3, 8));
+                assert_eq!(pooled.len(), 8);
             }
             other => panic!("{other:?}"),
         }

@@ -57,15 +57,18 @@ fn classifiers_match_transformers_alone_and_in_a_batch() {
         let classify = |sequences: &[Vec<u32>]| -> Vec<Vec<f32>> {
             let inputs: Vec<EncoderInput> = sequences
                 .iter()
-                .map(|ids| EncoderInput {
-                    ids: ids.clone(),
-                    type_ids: vec![0; ids.len()],
-                })
+                .map(|ids| EncoderInput::single(ids.clone()))
                 .collect();
-            match loaded.model.forward(&inputs).unwrap() {
-                EncoderOutput::Sequences(logits) => logits,
-                other => panic!("{name}: a classifier answered {other:?}"),
-            }
+            loaded
+                .model
+                .forward(&inputs)
+                .unwrap()
+                .into_iter()
+                .map(|output| match output {
+                    EncoderOutput::Sequence(logits) => logits,
+                    other => panic!("{name}: a classifier answered {other:?}"),
+                })
+                .collect()
         };
         assert_eq!(labels.names, reference.labels, "{name}");
         assert_eq!(

@@ -31,7 +31,8 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 use candlewick_engine::{
     load_encoder, load_generator, EncoderInput, EncoderModel, EncoderOutput, EncoderTask,
-    GeneratorConfig, LoadOptions, LoadedGenerator, LogitsMode, ModelSource, StepRow,
+    GeneratorConfig, LoadOptions, LoadedGenerator, LogitsMode, ModelSource, Pooling, Requested,
+    StepRow,
 };
 use serde::Deserialize;
 
@@ -114,6 +115,8 @@ struct Report {
     /// Largest |batch - alone| over every row and output.
     batch_invariance: f32,
     rows: usize,
+    /// Rows also checked through a narrower request (selected tokens, pooled on the device).
+    narrower_requests: usize,
 }
 
 /// Compares `actual` with `expected` element by element, failing at the first difference over
@@ -167,23 +170,22 @@ fn ids_rows(tensor: &Tensor) -> Vec<Vec<u32>> {
 }
 
 /// One output of one row, flattened, with the real positions of per-token outputs only.
-fn output_of_row(output: &EncoderOutput, key: &str, row: usize) -> Result<Vec<f32>, String> {
+fn output_values(output: &EncoderOutput, key: &str) -> Result<Vec<f32>, String> {
     let flat = |rows: &[Vec<f32>]| rows.concat();
     match (output, key) {
-        (EncoderOutput::Sequences(rows), "logits") => Ok(rows[row].clone()),
-        (EncoderOutput::Tokens(rows), "logits") => Ok(flat(&rows[row])),
-        (EncoderOutput::Spans { start, .. }, "start_logits") => Ok(start[row].clone()),
-        (EncoderOutput::Spans { end, .. }, "end_logits") => Ok(end[row].clone()),
-        (EncoderOutput::Hidden { last, .. }, "last_hidden_state") => Ok(flat(&last[row])),
+        (EncoderOutput::Sequence(row), "logits") => Ok(row.clone()),
+        (EncoderOutput::Tokens(rows), "logits") => Ok(flat(rows)),
+        (EncoderOutput::Span { start, .. }, "start_logits") => Ok(start.clone()),
+        (EncoderOutput::Span { end, .. }, "end_logits") => Ok(end.clone()),
+        (EncoderOutput::Hidden { last, .. }, "last_hidden_state") => Ok(flat(last)),
         (EncoderOutput::Hidden { last, .. }, "mean_pooled") => {
-            let tokens = &last[row];
-            let mut mean = vec![0f32; tokens[0].len()];
-            for token in tokens {
+            let mut mean = vec![0f32; last[0].len()];
+            for token in last {
                 for (m, v) in mean.iter_mut().zip(token) {
                     *m += v;
                 }
             }
-            Ok(mean.iter().map(|m| m / tokens.len() as f32).collect())
+            Ok(mean.iter().map(|m| m / last.len() as f32).collect())
         }
         (
             EncoderOutput::Hidden {
@@ -191,9 +193,32 @@ fn output_of_row(output: &EncoderOutput, key: &str, row: usize) -> Result<Vec<f3
                 ..
             },
             "pooler_output",
-        ) => Ok(pooled[row].clone()),
-        _ => Err(format!("the model produces no {key:?}")),
+        ) => Ok(pooled.clone()),
+        (EncoderOutput::Pooled(pooled), "mean_pooled" | "pooler_output") => Ok(pooled.clone()),
+        _ => Err(format!("the model produces no {key:?} in {output:?}")),
     }
+}
+
+/// The narrower request that `key` is also checked through: a per-token output at a few tokens
+/// only (every other token, last first), a pooled output pooled on the device.
+fn narrower_request(key: &str, task: EncoderTask, len: usize) -> Option<Requested> {
+    match key {
+        "mean_pooled" => Some(Requested::Pooled(Pooling::Mean)),
+        "pooler_output" => Some(Requested::Pooled(Pooling::Pooler)),
+        _ if is_per_token(key, task) && key != "start_logits" && key != "end_logits" => Some(
+            Requested::Tokens((0..len as u32).rev().step_by(2).collect()),
+        ),
+        _ => None,
+    }
+}
+
+/// The rows of a flattened per-token reference `[len * width]` at `tokens`, flattened.
+fn select_tokens(expected: &[f32], len: usize, tokens: &[u32]) -> Vec<f32> {
+    let width = expected.len() / len;
+    tokens
+        .iter()
+        .flat_map(|&t| expected[t as usize * width..(t as usize + 1) * width].to_vec())
+        .collect()
 }
 
 /// The reference of one output for one row at its real positions: `[len, ...]` outputs are cut
@@ -270,10 +295,7 @@ fn check_encoder(dir: &Path) -> Result<Report, String> {
                     mask[..len].iter().all(|&m| m == 1),
                     "{name}: rows must be right-padded"
                 );
-                EncoderInput {
-                    ids: ids[..len].to_vec(),
-                    type_ids: types[..len].to_vec(),
-                }
+                EncoderInput::new(ids[..len].to_vec(), types[..len].to_vec())
             })
             .collect();
         let output = model
@@ -281,14 +303,18 @@ fn check_encoder(dir: &Path) -> Result<Report, String> {
             .map_err(|e| format!("{name}: forward: {e}"))?;
         let alone: Vec<EncoderOutput> = inputs
             .iter()
-            .map(|input| model.forward(std::slice::from_ref(input)))
-            .collect::<Result<_, _>>()
+            .map(|input| Ok(model.forward(std::slice::from_ref(input))?.remove(0)))
+            .collect::<Result<_, candlewick_engine::EngineError>>()
             .map_err(|e| format!("{name}: forward alone: {e}"))?;
         report.rows += inputs.len();
 
         let outputs: Vec<&String> = reference
             .keys()
-            .filter(|key| key.starts_with(group) && !key.starts_with("alone_"))
+            .filter(|key| {
+                key.starts_with(group)
+                    && !key.starts_with("alone_")
+                    && !key.starts_with("positioned_")
+            })
             .filter(|key| {
                 let key = &key[group.len()..];
                 let other_group = group.is_empty() && key.starts_with("pair_");
@@ -304,12 +330,28 @@ fn check_encoder(dir: &Path) -> Result<Report, String> {
             let mut largest = 0f32;
             let mut values = 0;
             let mut alone_largest = 0f32;
+            // The same batch once more, each row asking for the narrower output.
+            let narrower: Option<Vec<EncoderInput>> = inputs
+                .iter()
+                .map(|input| {
+                    narrower_request(key, task, input.ids.len())
+                        .map(|request| input.clone().requesting(request))
+                })
+                .collect();
+            let narrower_output = match &narrower {
+                Some(narrower) => Some(
+                    model
+                        .forward(narrower)
+                        .map_err(|e| format!("{what}: forward, narrower request: {e}"))?,
+                ),
+                None => None,
+            };
             for (row, input) in inputs.iter().enumerate() {
                 let len = input.ids.len();
                 let actual =
-                    output_of_row(&output, key, row).map_err(|e| format!("{what}: {e}"))?;
+                    output_values(&output[row], key).map_err(|e| format!("{what}: {e}"))?;
                 let alone_actual =
-                    output_of_row(&alone[row], key, 0).map_err(|e| format!("{what}: {e}"))?;
+                    output_values(&alone[row], key).map_err(|e| format!("{what}: {e}"))?;
                 report.batch_invariance = report.batch_invariance.max(compare(
                     &format!("{what}, row {row} in the batch vs alone"),
                     &alone_actual,
@@ -334,6 +376,21 @@ fn check_encoder(dir: &Path) -> Result<Report, String> {
                     &actual,
                     TOLERANCE,
                 )?);
+                if let (Some(narrower), Some(narrower_output)) = (&narrower, &narrower_output) {
+                    let narrow_actual = output_values(&narrower_output[row], key)
+                        .map_err(|e| format!("{what}, narrower request: {e}"))?;
+                    let narrow_expected = match &narrower[row].output {
+                        Requested::Tokens(tokens) => select_tokens(&expected_row, len, tokens),
+                        _ => expected_row.clone(),
+                    };
+                    largest = largest.max(compare(
+                        &format!("{what}, row {row}, requested {:?}", narrower[row].output),
+                        &narrow_expected,
+                        &narrow_actual,
+                        TOLERANCE,
+                    )?);
+                    report.narrower_requests += 1;
+                }
                 values += expected_row.len();
                 if let Some(alone_reference) = alone_reference {
                     alone_largest = alone_largest.max(compare(
@@ -358,6 +415,16 @@ fn check_encoder(dir: &Path) -> Result<Report, String> {
                 });
             }
         }
+        if group.is_empty() {
+            check_positioned(
+                model.as_ref(),
+                &reference,
+                &inputs,
+                &mut unchecked,
+                &mut report,
+            )
+            .map_err(|e| format!("{name}: {e}"))?;
+        }
     }
     if !unchecked.is_empty() {
         return Err(format!(
@@ -368,6 +435,69 @@ fn check_encoder(dir: &Path) -> Result<Report, String> {
         return Err(format!("{name}: no outputs compared"));
     }
     Ok(report)
+}
+
+/// The batch once more with the position ids of `positioned_position_ids` given (each row's
+/// numbering shifted), against transformers' rows run alone with the same ids.
+fn check_positioned(
+    model: &dyn EncoderModel,
+    reference: &std::collections::HashMap<String, Tensor>,
+    inputs: &[EncoderInput],
+    unchecked: &mut BTreeSet<&String>,
+    report: &mut Report,
+) -> Result<(), String> {
+    let Some(positions) = reference.get("positioned_position_ids") else {
+        return Ok(());
+    };
+    unchecked.retain(|key| key.as_str() != "positioned_position_ids");
+    let positions = ids_rows(positions);
+    let positioned: Vec<EncoderInput> = inputs
+        .iter()
+        .zip(&positions)
+        .map(|(input, positions)| {
+            let mut input = input.clone();
+            input.position_ids = Some(positions[..input.ids.len()].to_vec());
+            input
+        })
+        .collect();
+    let output = model
+        .forward(&positioned)
+        .map_err(|e| format!("forward with position ids: {e}"))?;
+    let task = model.task();
+    let keys: Vec<&String> = reference
+        .keys()
+        .filter(|key| key.starts_with("positioned_") && key.as_str() != "positioned_position_ids")
+        .collect();
+    for full_key in keys {
+        let key = &full_key["positioned_".len()..];
+        let (mut largest, mut values) = (0f32, 0);
+        for (row, input) in positioned.iter().enumerate() {
+            let len = input.ids.len();
+            let expected = expected_of_row(
+                &reference[full_key],
+                row,
+                len,
+                is_per_token(key, task),
+                false,
+            );
+            let actual =
+                output_values(&output[row], key).map_err(|e| format!("{full_key}: {e}"))?;
+            largest = largest.max(compare(
+                &format!("{full_key}, row {row}"),
+                &expected,
+                &actual,
+                TOLERANCE,
+            )?);
+            values += expected.len();
+        }
+        unchecked.remove(full_key);
+        report.comparisons.push(Comparison {
+            name: full_key.clone(),
+            largest,
+            values,
+        });
+    }
+    Ok(())
 }
 
 #[derive(Deserialize)]
@@ -556,6 +686,7 @@ fn every_encoder_fixture_matches_transformers_at_every_unmasked_position() {
     let dirs = fixture_dirs(&root);
     assert!(!dirs.is_empty(), "no fixtures under {}", root.display());
     let mut failures = Vec::new();
+    let mut narrower_requests = 0;
     for dir in &dirs {
         let name = fixture_name(dir);
         let architecture = architecture(&config(dir));
@@ -576,17 +707,25 @@ fn every_encoder_fixture_matches_transformers_at_every_unmasked_position() {
                     "{name:<46} {:<28} max |diff| {:.2e} over {} rows",
                     "batch vs alone", report.batch_invariance, report.rows,
                 );
+                narrower_requests += report.narrower_requests;
             }
             Err(failure) => failures.push(failure),
         }
     }
-    eprintln!("{} fixtures checked", dirs.len());
+    eprintln!(
+        "{} fixtures checked, {narrower_requests} rows through narrower requests too",
+        dirs.len()
+    );
     assert!(
         failures.is_empty(),
         "{} of {} fixtures failed:\n{}",
         failures.len(),
         dirs.len(),
         failures.join("\n")
+    );
+    assert!(
+        narrower_requests > 0,
+        "no row went through a narrower request"
     );
 }
 
@@ -596,19 +735,13 @@ fn out_of_range_inputs_are_refused_with_the_limit() {
     let dir = fixtures_root().join("mobilebert-nonorm-trigram/sequence-classification");
     let loaded = load_encoder(&ModelSource::Dir(dir), &LoadOptions::default()).unwrap();
     let model: &dyn EncoderModel = loaded.model.as_ref();
-    let too_long = EncoderInput {
-        ids: vec![1; model.max_positions() + 1],
-        type_ids: vec![0; model.max_positions() + 1],
-    };
+    let too_long = EncoderInput::single(vec![1; model.max_positions() + 1]);
     let error = model.forward(&[too_long]).unwrap_err().to_string();
     assert!(
         error.contains(&model.max_positions().to_string()),
         "{error}"
     );
-    let bad_token = EncoderInput {
-        ids: vec![1, 100_000],
-        type_ids: vec![0, 0],
-    };
+    let bad_token = EncoderInput::single(vec![1, 100_000]);
     let error = model.forward(&[bad_token]).unwrap_err().to_string();
     assert!(error.contains("100000"), "{error}");
     assert_eq!(
@@ -616,5 +749,5 @@ fn out_of_range_inputs_are_refused_with_the_limit() {
         ["negative", "neutral", "positive"]
     );
     let empty = model.forward(&[]).unwrap();
-    assert_eq!(empty, EncoderOutput::Sequences(vec![]));
+    assert_eq!(empty, vec![]);
 }

@@ -35,8 +35,9 @@ pub struct SchedulerConfig {
 pub enum Event {
     /// A generated token; the last one carries the finish reason.
     Token(TokenEvent),
-    /// The request failed after it was accepted (a timeout, an engine error).
-    Failed(String),
+    /// The request failed after it was accepted (a timeout, an engine error). One step's
+    /// failure reaches every request in it, so the error is shared.
+    Failed(Arc<SchedulerError>),
 }
 
 /// Counts the engine thread publishes for health checks and tests.
@@ -296,7 +297,7 @@ impl EngineLoop {
             match self.start(&pending) {
                 Ok(active) => self.active.push(active),
                 Err(error) => {
-                    let _ = pending.events.send(Event::Failed(error.to_string()));
+                    let _ = pending.events.send(Event::Failed(Arc::new(error)));
                 }
             }
         }
@@ -340,10 +341,11 @@ impl EngineLoop {
         self.active.retain(|active| {
             let timed_out = timeout.is_some_and(|limit| active.submitted.elapsed() > limit);
             if timed_out {
-                let _ = active.events.send(Event::Failed(format!(
-                    "the request did not finish within {} s",
-                    timeout.unwrap_or_default().as_secs_f64()
-                )));
+                let _ = active
+                    .events
+                    .send(Event::Failed(Arc::new(SchedulerError::Timeout {
+                        limit: timeout.unwrap_or_default(),
+                    })));
             }
             let keep = !timed_out && !active.events.is_closed();
             if !keep {
@@ -372,7 +374,7 @@ impl EngineLoop {
         let slots: Vec<usize> = rows.iter().map(|&(slot, _)| slot).collect();
         match result {
             Ok(logits) => self.accept_all(&slots, logits),
-            Err(error) => self.fail(&slots, &error.to_string()),
+            Err(error) => self.fail(&slots, error.into()),
         }
     }
 
@@ -411,7 +413,7 @@ impl EngineLoop {
         let slots: Vec<usize> = rows.iter().map(|row| row.slot).collect();
         let logits = match result {
             Ok(logits) => logits,
-            Err(error) => return self.fail(&slots, &error.to_string()),
+            Err(error) => return self.fail(&slots, error.into()),
         };
         let mut finished_slots = Vec::new();
         let mut finished_logits = Vec::new();
@@ -440,7 +442,7 @@ impl EngineLoop {
             let event = match active.sequence.accept(&row) {
                 Ok(event) => event,
                 Err(error) => {
-                    let _ = active.events.send(Event::Failed(error.to_string()));
+                    let _ = active.events.send(Event::Failed(Arc::new(error)));
                     self.generator.release(slot);
                     self.active.swap_remove(index);
                     continue;
@@ -464,12 +466,13 @@ impl EngineLoop {
         }
     }
 
-    fn fail(&mut self, slots: &[usize], message: &str) {
-        tracing::error!(%message, "engine step failed");
+    fn fail(&mut self, slots: &[usize], error: SchedulerError) {
+        tracing::error!(%error, "engine step failed");
+        let error = Arc::new(error);
         for &slot in slots {
             if let Some(index) = self.active.iter().position(|a| a.sequence.slot == slot) {
                 let active = self.active.swap_remove(index);
-                let _ = active.events.send(Event::Failed(message.to_string()));
+                let _ = active.events.send(Event::Failed(Arc::clone(&error)));
                 self.generator.release(slot);
             }
         }

@@ -13,7 +13,9 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use candlewick_engine::encoder::labels::Labels;
-use candlewick_engine::encoder::{EncoderInput, EncoderModel, EncoderOutput, EncoderTask};
+use candlewick_engine::encoder::{
+    EncoderContract, EncoderInput, EncoderModel, EncoderOutput, EncoderTask,
+};
 use tokio::sync::oneshot;
 
 use crate::{Result, SchedulerError};
@@ -42,53 +44,9 @@ impl Default for EncoderConfig {
     }
 }
 
-/// One sequence's outputs, as [`EncoderOutput`] holds them for a batch.
-#[derive(Debug, Clone, PartialEq)]
-pub enum EncodedSequence {
-    /// A row over the labels (or a single multiple-choice score).
-    Sequence(Vec<f32>),
-    /// A row per token.
-    Tokens(Vec<Vec<f32>>),
-    /// Start and end logits per token.
-    Span {
-        /// Start logits.
-        start: Vec<f32>,
-        /// End logits.
-        end: Vec<f32>,
-    },
-    /// Hidden states per token and the pooled output.
-    Hidden {
-        /// The last layer's hidden states.
-        last: Vec<Vec<f32>>,
-        /// The pooler's output, where the model has one.
-        pooled: Option<Vec<f32>>,
-    },
-}
-
-/// Splits a batch's outputs into one entry per sequence.
-pub fn split_outputs(output: EncoderOutput) -> Vec<EncodedSequence> {
-    match output {
-        EncoderOutput::Sequences(rows) => rows.into_iter().map(EncodedSequence::Sequence).collect(),
-        EncoderOutput::Tokens(rows) => rows.into_iter().map(EncodedSequence::Tokens).collect(),
-        EncoderOutput::Spans { start, end } => start
-            .into_iter()
-            .zip(end)
-            .map(|(start, end)| EncodedSequence::Span { start, end })
-            .collect(),
-        EncoderOutput::Hidden { last, pooled } => {
-            let mut pooled = pooled.map(Vec::into_iter);
-            last.into_iter()
-                .map(|last| EncodedSequence::Hidden {
-                    last,
-                    pooled: pooled.as_mut().and_then(Iterator::next),
-                })
-                .collect()
-        }
-    }
-}
-
-/// What a request gets back: one entry per submitted sequence, in order.
-pub type EncodeResult = Result<Vec<EncodedSequence>>;
+/// What a request gets back: one output per submitted sequence, in order, or the failure of
+/// its batch (shared by every request in it).
+pub type EncodeResult = std::result::Result<Vec<EncoderOutput>, Arc<SchedulerError>>;
 
 struct Pending {
     inputs: Vec<EncoderInput>,
@@ -121,6 +79,21 @@ pub struct EncoderInfo {
     pub max_sequence_tokens: usize,
     /// Width of the hidden states.
     pub hidden_size: usize,
+    /// What the model accepts; every request is checked against it before it is queued.
+    pub contract: EncoderContract,
+}
+
+impl EncoderInfo {
+    /// What `model` is, with requests' sequences limited to `max_input_tokens`.
+    pub fn of(model: &dyn EncoderModel, max_input_tokens: usize) -> Self {
+        Self {
+            task: model.task(),
+            labels: model.labels().cloned(),
+            max_sequence_tokens: model.max_positions().min(max_input_tokens),
+            hidden_size: model.hidden_size(),
+            contract: model.contract(),
+        }
+    }
 }
 
 /// The handle to the encoder thread. Dropping it lets queued requests finish, then stops it.
@@ -139,12 +112,7 @@ impl EncoderScheduler {
                 "max_batch_tokens and max_input_tokens must be at least 1".into(),
             ));
         }
-        let info = EncoderInfo {
-            task: model.task(),
-            labels: model.labels().cloned(),
-            max_sequence_tokens: model.max_positions().min(config.max_input_tokens),
-            hidden_size: model.hidden_size(),
-        };
+        let info = EncoderInfo::of(model.as_ref(), config.max_input_tokens);
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue::default()),
             wake: Condvar::new(),
@@ -192,7 +160,9 @@ impl EncoderScheduler {
 
     /// Queues `inputs` as one request; the outputs arrive on the returned receiver. A request
     /// whose receiver is dropped before its batch runs is skipped. Refuses at once what cannot
-    /// be served.
+    /// be served: every input is checked against the model's contract here, on the caller's
+    /// thread, so that a batch only ever holds inputs the model takes and one bad request never
+    /// fails the requests batched beside it.
     pub fn submit(&self, inputs: Vec<EncoderInput>) -> Result<oneshot::Receiver<EncodeResult>> {
         if inputs.is_empty() {
             return Err(SchedulerError::InvalidRequest("no input to encode".into()));
@@ -210,7 +180,8 @@ impl EncoderScheduler {
                     max: self.info.max_sequence_tokens,
                 });
             }
-            total += input.ids.len();
+            self.info.contract.check(input)?;
+            total += input.width();
         }
         if total > self.config.max_request_tokens {
             return Err(SchedulerError::InvalidRequest(format!(
@@ -302,7 +273,12 @@ impl Worker {
         let mut taken = Vec::new();
         let (mut longest, mut sequences) = (0, 0);
         while let Some(next) = queue.waiting.front() {
-            let next_longest = next.inputs.iter().map(|i| i.ids.len()).max().unwrap_or(0);
+            let next_longest = next
+                .inputs
+                .iter()
+                .map(EncoderInput::width)
+                .max()
+                .unwrap_or(0);
             let longest_after = longest.max(next_longest);
             let cost = longest_after * (sequences + next.inputs.len());
             if !taken.is_empty() && cost > self.max_batch_tokens {
@@ -329,9 +305,12 @@ impl Worker {
             let started = Instant::now();
             let owned: Vec<EncoderInput> = batch.iter().map(|&input| input.clone()).collect();
             match self.model.forward(&owned) {
-                Ok(output) => outputs.extend(split_outputs(output)),
+                Ok(output) => outputs.extend(output),
                 Err(error) => {
-                    failure = Some(error.to_string());
+                    // Every input passed the contract at submission: what fails now is the
+                    // server's fault, and all the batch's requests share it.
+                    tracing::error!(%error, "encoder batch failed");
+                    failure = Some(Arc::new(SchedulerError::Engine(error)));
                     break;
                 }
             }
@@ -344,9 +323,7 @@ impl Worker {
         let mut outputs = outputs.into_iter();
         for pending in taken {
             let reply = match &failure {
-                Some(message) => Err(SchedulerError::InvalidRequest(format!(
-                    "the encoder failed: {message}"
-                ))),
+                Some(error) => Err(Arc::clone(error)),
                 None => Ok(outputs.by_ref().take(pending.inputs.len()).collect()),
             };
             // A client that has gone no longer wants its reply.
@@ -355,17 +332,18 @@ impl Worker {
     }
 }
 
-/// Cuts `inputs` (in order) into batches whose padded size stays within `budget`; a sequence
-/// longer than the budget runs alone.
+/// Cuts `inputs` (in order) into batches whose padded size (longest width x inputs) stays within
+/// `budget`; a sequence longer than the budget runs alone. The cost is the padded size because
+/// every model here runs its batch padded: an unpadded (varlen) model would count real tokens.
 fn budgeted_batches<'a>(inputs: &[&'a EncoderInput], budget: usize) -> Vec<Vec<&'a EncoderInput>> {
     let mut batches: Vec<Vec<&EncoderInput>> = Vec::new();
     let mut current: Vec<&EncoderInput> = Vec::new();
     let mut longest = 0;
     for &input in inputs {
-        let longest_after = longest.max(input.ids.len());
+        let longest_after = longest.max(input.width());
         if !current.is_empty() && longest_after * (current.len() + 1) > budget {
             batches.push(std::mem::take(&mut current));
-            longest = input.ids.len();
+            longest = input.width();
         } else {
             longest = longest_after;
         }
@@ -379,6 +357,8 @@ fn budgeted_batches<'a>(inputs: &[&'a EncoderInput], budget: usize) -> Vec<Vec<&
 
 #[cfg(test)]
 mod tests {
+    use candlewick_engine::encoder::InputLimits;
+
     use super::*;
 
     /// Sums each sequence's ids into one score, and records the batch sizes it saw.
@@ -393,28 +373,41 @@ mod tests {
         fn labels(&self) -> Option<&Labels> {
             None
         }
-        fn max_positions(&self) -> usize {
-            16
+        fn contract(&self) -> EncoderContract {
+            EncoderContract {
+                limits: InputLimits {
+                    vocab_size: 100,
+                    type_vocab_size: 1,
+                    max_positions: 16,
+                    first_position: 0,
+                    causal: false,
+                    entities: None,
+                },
+                task: self.task(),
+                has_pooler: false,
+            }
         }
         fn hidden_size(&self) -> usize {
             1
         }
-        fn forward(&self, inputs: &[EncoderInput]) -> candlewick_engine::Result<EncoderOutput> {
+        fn forward(
+            &self,
+            inputs: &[EncoderInput],
+        ) -> candlewick_engine::Result<Vec<EncoderOutput>> {
+            let contract = self.contract();
+            for input in inputs {
+                contract.check(input)?;
+            }
             self.batches.lock().unwrap().push(inputs.len());
-            Ok(EncoderOutput::Sequences(
-                inputs
-                    .iter()
-                    .map(|i| vec![i.ids.iter().sum::<u32>() as f32])
-                    .collect(),
-            ))
+            Ok(inputs
+                .iter()
+                .map(|i| EncoderOutput::Sequence(vec![i.ids.iter().sum::<u32>() as f32]))
+                .collect())
         }
     }
 
     fn input(ids: &[u32]) -> EncoderInput {
-        EncoderInput {
-            ids: ids.to_vec(),
-            type_ids: vec![0; ids.len()],
-        }
+        EncoderInput::single(ids.to_vec())
     }
 
     fn start(max_batch_tokens: usize) -> (EncoderScheduler, Arc<Mutex<Vec<usize>>>) {
@@ -458,8 +451,8 @@ mod tests {
             .collect();
         for (r, receiver) in receivers.into_iter().enumerate() {
             let outputs = receiver.blocking_recv().unwrap().unwrap();
-            let expected: Vec<EncodedSequence> = (0..=r as u32)
-                .map(|k| EncodedSequence::Sequence(vec![(r as u32 * 10 + k + 1) as f32]))
+            let expected: Vec<EncoderOutput> = (0..=r as u32)
+                .map(|k| EncoderOutput::Sequence(vec![(r as u32 * 10 + k + 1) as f32]))
                 .collect();
             assert_eq!(outputs, expected);
         }
@@ -496,6 +489,30 @@ mod tests {
             refused.contains("50 tokens") && refused.contains("40"),
             "{refused}"
         );
+        let out_of_vocabulary = scheduler.submit(vec![input(&[1]), input(&[2, 100])]);
+        match out_of_vocabulary {
+            Err(error @ SchedulerError::Engine(_)) => {
+                assert!(error.is_request_fault());
+                assert!(error.to_string().contains("token id 100"), "{error}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_bad_request_never_joins_a_batch() {
+        let (scheduler, batches) = start(64);
+        let good: Vec<_> = (0..15u32)
+            .map(|r| scheduler.submit(vec![input(&[r, 1])]).unwrap())
+            .collect();
+        assert!(scheduler.submit(vec![input(&[3, 999])]).is_err());
+        for (r, receiver) in good.into_iter().enumerate() {
+            assert_eq!(
+                receiver.blocking_recv().unwrap().unwrap(),
+                vec![EncoderOutput::Sequence(vec![r as f32 + 1.0])]
+            );
+        }
+        assert_eq!(batches.lock().unwrap().iter().sum::<usize>(), 15);
     }
 
     #[test]
@@ -505,7 +522,7 @@ mod tests {
         scheduler.shutdown();
         assert_eq!(
             receiver.blocking_recv().unwrap().unwrap(),
-            vec![EncodedSequence::Sequence(vec![5.0])]
+            vec![EncoderOutput::Sequence(vec![5.0])]
         );
         assert!(!scheduler.is_alive());
         assert!(matches!(

@@ -7,7 +7,7 @@ pub mod runner;
 pub mod sequence;
 
 pub use continuous::{Event, Scheduler, SchedulerConfig, SchedulerStats};
-pub use encoder::{EncodeResult, EncodedSequence, EncoderConfig, EncoderInfo, EncoderScheduler};
+pub use encoder::{EncodeResult, EncoderConfig, EncoderInfo, EncoderScheduler};
 pub use runner::{run_batch, GenerationOutput};
 pub use sequence::{FinishReason, GenerationRequest, Sequence, StopConditions, TokenEvent};
 
@@ -46,6 +46,26 @@ pub enum SchedulerError {
     /// The engine thread is not running (shutting down).
     #[error("the engine is shutting down")]
     Stopped,
+    /// The request was still running when its time limit passed.
+    #[error("the request did not finish within {} s", limit.as_secs_f64())]
+    Timeout { limit: std::time::Duration },
+}
+
+impl SchedulerError {
+    /// Whether the request is at fault (a 4xx), rather than the server (a 5xx) or its load.
+    /// Engine and sampling errors decide for themselves.
+    pub fn is_request_fault(&self) -> bool {
+        match self {
+            Self::Engine(error) => error.is_request_fault(),
+            Self::Sampling(error) => error.is_request_fault(),
+            Self::InvalidRequest(_) | Self::PromptTooLong { .. } | Self::TotalTooLong { .. } => {
+                true
+            }
+            Self::Detokenize(_) | Self::QueueFull { .. } | Self::Stopped | Self::Timeout { .. } => {
+                false
+            }
+        }
+    }
 }
 
 /// The scheduler's result type.

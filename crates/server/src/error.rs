@@ -1,6 +1,8 @@
 //! The one place where failures become HTTP statuses and OpenAI's error envelope
 //! `{"error": {"message", "type", "param", "code"}}`.
 
+use std::sync::Arc;
+
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use candlewick_engine::sampling::SamplingError;
@@ -64,12 +66,13 @@ pub enum ApiError {
     #[error("method {0} is not allowed here")]
     MethodNotAllowed(String),
 
-    /// The scheduler refused the request; `prompt_param` is the field that holds the prompt
-    /// ("prompt" or "messages"), for errors about its length.
+    /// The scheduler refused the request, or it failed after it was accepted (shared with the
+    /// other requests of the failed step); `prompt_param` is the field that holds the prompt
+    /// ("prompt", "messages", "input"), for errors about it.
     #[error("{source}")]
     Scheduler {
-        /// Why it was refused.
-        source: SchedulerError,
+        /// Why it was refused or failed.
+        source: Arc<SchedulerError>,
         /// The request field that holds the prompt.
         prompt_param: &'static str,
     },
@@ -78,15 +81,12 @@ pub enum ApiError {
     #[error(transparent)]
     ChatTemplate(#[from] ChatTemplateError),
 
-    /// The tokenizer failed on the prompt.
+    /// The engine failed outside the scheduler (most often the tokenizer, on the prompt); the
+    /// engine error says whose fault it is.
     #[error(transparent)]
-    Tokenizer(#[from] EngineError),
+    Engine(#[from] EngineError),
 
-    /// The request was accepted but ran past its time limit.
-    #[error("{0}")]
-    Timeout(String),
-
-    /// The request was accepted but generation failed, or the engine went away.
+    /// The engine thread went away before the request finished.
     #[error("{0}")]
     GenerationFailed(String),
 
@@ -97,6 +97,12 @@ pub enum ApiError {
 
 impl From<SchedulerError> for ApiError {
     fn from(source: SchedulerError) -> Self {
+        Arc::new(source).into()
+    }
+}
+
+impl From<Arc<SchedulerError>> for ApiError {
+    fn from(source: Arc<SchedulerError>) -> Self {
         Self::Scheduler {
             source,
             prompt_param: "prompt",
@@ -113,13 +119,11 @@ impl ApiError {
         }
     }
 
-    /// A failure reported by the scheduler after the request was accepted: a time limit, or
-    /// an engine error.
-    pub fn from_failure(message: String) -> Self {
-        if message.contains("did not finish within") {
-            Self::Timeout(message)
-        } else {
-            Self::GenerationFailed(message)
+    /// A scheduler error about the field `prompt_param`.
+    pub fn scheduler(source: impl Into<Arc<SchedulerError>>, prompt_param: &'static str) -> Self {
+        Self::Scheduler {
+            source: source.into(),
+            prompt_param,
         }
     }
 
@@ -133,17 +137,13 @@ impl ApiError {
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
-            Self::Scheduler { source, .. } => match source {
-                SchedulerError::InvalidRequest(_)
-                | SchedulerError::PromptTooLong { .. }
-                | SchedulerError::TotalTooLong { .. }
-                | SchedulerError::Sampling(_) => StatusCode::BAD_REQUEST,
+            Self::Scheduler { source, .. } => match &**source {
                 SchedulerError::QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
                 SchedulerError::Stopped => StatusCode::SERVICE_UNAVAILABLE,
-                SchedulerError::Engine(_) | SchedulerError::Detokenize(_) => {
-                    StatusCode::INTERNAL_SERVER_ERROR
-                }
+                SchedulerError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+                error => fault_status(error.is_request_fault()),
             },
+            Self::Engine(error) => fault_status(error.is_request_fault()),
             Self::ChatTemplate(error) => match error {
                 ChatTemplateError::Missing | ChatTemplateError::Raised(_) => {
                     StatusCode::BAD_REQUEST
@@ -152,10 +152,7 @@ impl ApiError {
                     StatusCode::INTERNAL_SERVER_ERROR
                 }
             },
-            Self::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
-            Self::Tokenizer(_) | Self::GenerationFailed(_) | Self::Internal(_) => {
-                StatusCode::INTERNAL_SERVER_ERROR
-            }
+            Self::GenerationFailed(_) | Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -167,8 +164,9 @@ impl ApiError {
             Self::Scheduler {
                 source,
                 prompt_param,
-            } => match source {
+            } => match &**source {
                 SchedulerError::PromptTooLong { .. } => Some(prompt_param),
+                SchedulerError::Engine(error) if error.is_request_fault() => Some(prompt_param),
                 SchedulerError::TotalTooLong { .. } => Some("max_tokens"),
                 SchedulerError::Sampling(SamplingError::InvalidParameter { name, .. }) => {
                     Some(name)
@@ -193,11 +191,13 @@ impl ApiError {
             Self::WrongTask { .. } => Some("unsupported_task"),
             Self::Unauthorized(_) => Some("invalid_api_key"),
             Self::BodyTooLarge { .. } => Some("request_too_large"),
-            Self::Timeout(_) => Some("timeout"),
-            Self::Scheduler { source, .. } => match source {
-                SchedulerError::PromptTooLong { .. } | SchedulerError::TotalTooLong { .. } => {
+            Self::Scheduler { source, .. } => match &**source {
+                SchedulerError::PromptTooLong { .. }
+                | SchedulerError::TotalTooLong { .. }
+                | SchedulerError::Engine(EngineError::ContextOverflow { .. }) => {
                     Some("context_length_exceeded")
                 }
+                SchedulerError::Timeout { .. } => Some("timeout"),
                 SchedulerError::QueueFull { .. } => Some("rate_limit_exceeded"),
                 SchedulerError::Stopped => Some("server_shutting_down"),
                 _ => None,
@@ -221,6 +221,15 @@ impl ApiError {
                 code: self.code(),
             },
         }
+    }
+}
+
+/// 400 for what the request is at fault for, 500 for the server's failures.
+fn fault_status(request_fault: bool) -> StatusCode {
+    if request_fault {
+        StatusCode::BAD_REQUEST
+    } else {
+        StatusCode::INTERNAL_SERVER_ERROR
     }
 }
 
@@ -287,7 +296,7 @@ mod tests {
 
     #[test]
     fn every_scheduler_error_maps_to_its_status_type_and_code() {
-        let engine = || EngineError::InvalidRequest("boom".into());
+        let engine = || EngineError::Internal("boom".into());
         // (error, status, type, param, code)
         type Case = (
             SchedulerError,
@@ -347,6 +356,46 @@ mod tests {
                 None,
             ),
             (
+                SchedulerError::Engine(EngineError::InvalidRequest("token id 9 is out".into())),
+                400,
+                "invalid_request_error",
+                Some("prompt"),
+                None,
+            ),
+            (
+                SchedulerError::Engine(EngineError::ContextOverflow {
+                    tokens: 600,
+                    max_context: 512,
+                }),
+                400,
+                "invalid_request_error",
+                Some("prompt"),
+                Some("context_length_exceeded"),
+            ),
+            (
+                SchedulerError::Engine(EngineError::NoFreeSlot { slots: 4 }),
+                500,
+                "server_error",
+                None,
+                None,
+            ),
+            (
+                SchedulerError::Timeout {
+                    limit: std::time::Duration::from_secs(600),
+                },
+                504,
+                "server_error",
+                None,
+                Some("timeout"),
+            ),
+            (
+                SchedulerError::Sampling(SamplingError::AllTokensMasked),
+                500,
+                "server_error",
+                None,
+                None,
+            ),
+            (
                 SchedulerError::Sampling(SamplingError::InvalidParameter {
                     name: "top_p",
                     allowed: "in (0, 1]",
@@ -382,13 +431,13 @@ mod tests {
 
     #[test]
     fn prompt_too_long_names_both_numbers_and_the_chat_field() {
-        let error = ApiError::Scheduler {
-            source: SchedulerError::PromptTooLong {
+        let error = ApiError::scheduler(
+            SchedulerError::PromptTooLong {
                 tokens: 600,
                 max: 512,
             },
-            prompt_param: "messages",
-        };
+            "messages",
+        );
         assert_eq!(error.status(), StatusCode::BAD_REQUEST);
         assert_eq!(error.param(), Some("messages"));
         let message = error.to_string();
@@ -399,11 +448,15 @@ mod tests {
     }
 
     #[test]
-    fn failures_after_acceptance_are_504_on_timeouts_and_500_otherwise() {
-        let timeout = ApiError::from_failure("the request did not finish within 600 s".into());
-        assert_eq!(timeout.status(), StatusCode::GATEWAY_TIMEOUT);
-        assert_eq!(timeout.envelope().error.kind, "server_error");
-        let failed = ApiError::from_failure("cuda out of memory".into());
-        assert_eq!(failed.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    fn engine_errors_outside_the_scheduler_are_4xx_when_the_request_is_at_fault() {
+        let tokenizer = ApiError::from(EngineError::Tokenizer("no token for 'x'".into()));
+        assert_eq!(tokenizer.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(tokenizer.envelope().error.kind, "invalid_request_error");
+        let missing = ApiError::from(EngineError::MissingFile {
+            file: "tokenizer.json".into(),
+            location: "/models".into(),
+        });
+        assert_eq!(missing.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(missing.envelope().error.kind, "server_error");
     }
 }

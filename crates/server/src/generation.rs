@@ -88,10 +88,7 @@ pub fn submit(
             };
             let events = scheduler
                 .submit(request)
-                .map_err(|source| ApiError::Scheduler {
-                    source,
-                    prompt_param,
-                })?;
+                .map_err(|source| ApiError::scheduler(source, prompt_param))?;
             choices.push((prompt_index * params.n + i, events));
         }
     }
@@ -138,7 +135,7 @@ impl Submitted {
                             break finish;
                         }
                     }
-                    Some(Event::Failed(message)) => return Err(ApiError::from_failure(message)),
+                    Some(Event::Failed(error)) => return Err(error.into()),
                     None => return Err(engine_went_away()),
                 }
             };
@@ -229,7 +226,7 @@ impl<W: ChunkWriter> StreamState<W> {
             }
             match self.events.next().await {
                 Some((index, Event::Token(token))) => self.on_token(index, &token),
-                Some((_, Event::Failed(message))) => self.fail(ApiError::from_failure(message)),
+                Some((_, Event::Failed(error))) => self.fail(error.into()),
                 None if self.finished.iter().all(|&f| f) => self.finish(),
                 None => self.fail(engine_went_away()),
             }
@@ -285,6 +282,9 @@ where
 mod tests {
     use axum::body::to_bytes;
     use futures_util::StreamExt;
+    use std::sync::Arc;
+
+    use candlewick_scheduler::SchedulerError;
     use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
 
     use super::*;
@@ -356,9 +356,9 @@ mod tests {
         let (senders, submitted) = channels(1);
         senders[0].send(token("a", None)).unwrap();
         senders[0]
-            .send(Event::Failed(
-                "the request did not finish within 1 s".into(),
-            ))
+            .send(Event::Failed(Arc::new(SchedulerError::Timeout {
+                limit: std::time::Duration::from_secs(1),
+            })))
             .unwrap();
         let body = sse_body(submitted.into_sse(PlainText, true)).await;
         let lines: Vec<&str> = body.split("\n\n").filter(|l| !l.is_empty()).collect();

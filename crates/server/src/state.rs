@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use candlewick_engine::{LoadedEncoder, LoadedGenerator, Tokenizer};
+use candlewick_engine::{EncoderTask, LoadedEncoder, LoadedGenerator, Tokenizer};
 use candlewick_scheduler::{
     EncoderConfig, EncoderScheduler, Scheduler, SchedulerConfig, SchedulerError,
 };
@@ -13,30 +13,8 @@ use crate::error::ApiError;
 use crate::generation::unix_now;
 use crate::pipelines::PipelineTokenizer;
 
-/// How `/v1/embeddings` turns a sequence's hidden states into one vector.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Pooling {
-    /// The mean over the sequence's tokens, special tokens included (sentence-transformers'
-    /// default).
-    #[default]
-    Mean,
-    /// The first token's hidden state (`[CLS]`).
-    Cls,
-    /// The model's pooler output (`tanh(dense(CLS))` for BERT-like models).
-    Pooler,
-}
-
-impl Pooling {
-    /// Parses `mean`, `cls` or `pooler`.
-    pub fn parse(name: &str) -> Option<Self> {
-        match name {
-            "mean" => Some(Self::Mean),
-            "cls" => Some(Self::Cls),
-            "pooler" => Some(Self::Pooler),
-            _ => None,
-        }
-    }
-}
+/// How `/v1/embeddings` turns a sequence's hidden states into one vector (on the device).
+pub use candlewick_engine::Pooling;
 
 /// The engine behind the routes.
 pub enum Engine {
@@ -110,6 +88,16 @@ impl AppState {
         config: EncoderConfig,
         pooling: Pooling,
     ) -> Result<Self, SchedulerError> {
+        let contract = loaded.model.contract();
+        if contract.task == EncoderTask::FeatureExtraction
+            && pooling == Pooling::Pooler
+            && !contract.has_pooler
+        {
+            return Err(SchedulerError::InvalidRequest(
+                "pooling = \"pooler\" needs a pooler, and this checkpoint has none; use mean or cls"
+                    .into(),
+            ));
+        }
         let scheduler = EncoderScheduler::start(loaded.model, config)?;
         Ok(Self {
             model_name,

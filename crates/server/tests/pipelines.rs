@@ -13,9 +13,9 @@
 
 use std::path::{Path, PathBuf};
 
+use candlewick_engine::EncoderOutput;
 use candlewick_engine::{load_encoder, EncoderModel, LoadOptions, LoadedEncoder, ModelSource};
-use candlewick_scheduler::encoder::split_outputs;
-use candlewick_scheduler::{EncodedSequence, EncoderInfo};
+use candlewick_scheduler::EncoderInfo;
 use candlewick_server::pipelines::{
     fill_mask, question_answering, text_classification, token_classification, PipelineTokenizer,
 };
@@ -92,12 +92,7 @@ fn load(dir: &Path) -> Fixture {
     .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
     let tokenizer = PipelineTokenizer::new(&tokenizer.shared(), tokenizer_config.as_deref())
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
-    let info = EncoderInfo {
-        task: model.task(),
-        labels: model.labels().cloned(),
-        max_sequence_tokens: model.max_positions(),
-        hidden_size: model.hidden_size(),
-    };
+    let info = EncoderInfo::of(model.as_ref(), usize::MAX);
     Fixture {
         model,
         tokenizer,
@@ -107,15 +102,13 @@ fn load(dir: &Path) -> Fixture {
 
 impl Fixture {
     /// Runs each sequence alone, as the pipelines do.
-    fn forward(&self, inputs: &[candlewick_engine::EncoderInput]) -> Vec<EncodedSequence> {
+    fn forward(&self, inputs: &[candlewick_engine::EncoderInput]) -> Vec<EncoderOutput> {
         inputs
             .iter()
             .flat_map(|input| {
-                split_outputs(
-                    self.model
-                        .forward(std::slice::from_ref(input))
-                        .expect("the forward pass"),
-                )
+                self.model
+                    .forward(std::slice::from_ref(input))
+                    .expect("the forward pass")
             })
             .collect()
     }

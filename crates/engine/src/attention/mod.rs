@@ -261,9 +261,13 @@ mod tests {
                         let writes = step.into_writes();
                         state.commit(&batch, writes).unwrap();
                     }
+                    let (cpu_rows, generic_rows) = (&outputs[0], &outputs[1]);
                     for (row, &(_, count)) in step_rows.iter().enumerate() {
-                        for t in seq - count..seq {
-                            for (a, b) in outputs[0][row][t].iter().zip(&outputs[1][row][t]) {
+                        let columns = cpu_rows[row].iter().zip(&generic_rows[row]);
+                        for (t, (cpu_column, generic_column)) in
+                            columns.enumerate().skip(seq - count)
+                        {
+                            for (a, b) in cpu_column.iter().zip(generic_column) {
                                 assert!(
                                     (a - b).abs() < 1e-5,
                                     "{pattern:?} bias {with_bias} row {row} column {t}: {a} vs {b}"

@@ -6,10 +6,13 @@
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::VarBuilder;
 
-use crate::encoder::batch::{InputLimits, PaddedBatch};
+use crate::encoder::batch::{split, InputLimits, PaddedBatch};
 use crate::encoder::labels::Labels;
 use crate::encoder::layers::dense;
-use crate::encoder::{EncoderInput, EncoderModel, EncoderOutput, EncoderTask};
+use crate::encoder::pooling::{self, Pooling};
+use crate::encoder::{
+    EncoderContract, EncoderInput, EncoderModel, EncoderOutput, EncoderTask, Requested,
+};
 use crate::error::{EngineError, Result};
 use crate::layers::Linear;
 use crate::layers::{HiddenAct, Norm};
@@ -261,6 +264,75 @@ impl<B: EncoderBody> EncoderWithHead<B> {
             ))),
         }
     }
+
+    /// The base model's outputs: hidden states at the requested tokens (with the pooler's
+    /// output, where there is one), or a vector pooled on the device. Each pooling runs once
+    /// for the batch, and only when some input asks for it.
+    fn base_outputs(
+        &self,
+        inputs: &[EncoderInput],
+        batch: &PaddedBatch,
+        hidden: &Tensor,
+    ) -> Result<Vec<EncoderOutput>> {
+        let wants = |pooling: Pooling| {
+            inputs.iter().any(|input| match &input.output {
+                Requested::Pooled(p) => *p == pooling,
+                Requested::All | Requested::Tokens(_) => pooling == Pooling::Pooler,
+            })
+        };
+        let mut pooled: [Option<Vec<Vec<f32>>>; 3] = Default::default();
+        for (slot, pooling) in pooled.iter_mut().zip(Pooling::ALL) {
+            if !wants(pooling) {
+                continue;
+            }
+            *slot = match pooling {
+                Pooling::Mean => Some(rows_f32(&pooling::mean(hidden, batch)?)?),
+                Pooling::Cls => Some(rows_f32(&pooling::first_token(hidden)?)?),
+                Pooling::Pooler => match &self.pooler {
+                    Some(pooler) => Some(rows_f32(&pooler.forward(hidden)?)?),
+                    None => None,
+                },
+            };
+        }
+        let mut tokens = self.token_rows(inputs, batch, hidden, |x| Ok(x.clone()))?;
+        let mut pooled_row = |pooling: Pooling, row: usize| {
+            let slot = Pooling::ALL.iter().position(|&p| p == pooling);
+            slot.and_then(|slot| pooled[slot].as_mut())
+                .map(|rows| std::mem::take(&mut rows[row]))
+        };
+        inputs
+            .iter()
+            .enumerate()
+            .map(|(row, input)| match &input.output {
+                Requested::Pooled(pooling) => pooled_row(*pooling, row)
+                    .map(EncoderOutput::Pooled)
+                    .ok_or_else(|| {
+                        EngineError::InvalidRequest("the checkpoint has no pooler".into())
+                    }),
+                Requested::All | Requested::Tokens(_) => Ok(EncoderOutput::Hidden {
+                    last: std::mem::take(&mut tokens[row]),
+                    pooled: pooled_row(Pooling::Pooler, row),
+                }),
+            })
+            .collect()
+    }
+
+    /// `head` over the requested tokens' rows of `hidden`, one list of f32 rows per input.
+    fn token_rows(
+        &self,
+        inputs: &[EncoderInput],
+        batch: &PaddedBatch,
+        hidden: &Tensor,
+        head: impl Fn(&Tensor) -> Result<Tensor>,
+    ) -> Result<Vec<Vec<Vec<f32>>>> {
+        match batch.requested_tokens(inputs)? {
+            Some((index, counts)) => {
+                let rows = rows_f32(&head(&batch.rows_at(hidden, &index)?)?)?;
+                Ok(split(rows, &counts))
+            }
+            None => Ok(vec![Vec::new(); inputs.len()]),
+        }
+    }
 }
 
 /// `[rows, n]` as f32 rows.
@@ -277,42 +349,48 @@ impl<B: EncoderBody> EncoderModel for EncoderWithHead<B> {
         self.labels.as_ref()
     }
 
-    fn max_positions(&self) -> usize {
-        self.body.limits().max_positions
+    fn contract(&self) -> EncoderContract {
+        EncoderContract {
+            limits: self.body.limits(),
+            task: self.task,
+            has_pooler: self.pooler.is_some(),
+        }
     }
 
     fn hidden_size(&self) -> usize {
         self.body.hidden_size()
     }
 
-    fn forward(&self, inputs: &[EncoderInput]) -> Result<EncoderOutput> {
+    fn forward(&self, inputs: &[EncoderInput]) -> Result<Vec<EncoderOutput>> {
         if inputs.is_empty() {
-            return Ok(empty_output(&self.head));
+            return Ok(Vec::new());
         }
-        let batch = PaddedBatch::new(inputs, &self.body.limits(), self.dtype, &self.device)?;
+        let contract = self.contract();
+        for input in inputs {
+            contract.check(input)?;
+        }
+        let batch = PaddedBatch::new(inputs, &contract.limits, self.dtype, &self.device)?;
         let hidden = self.body.forward(&batch)?;
-        // Token-level heads run on the real tokens only: padding costs nothing in the head (the
-        // masked-LM decoder is the largest matmul of a small model).
-        Ok(match &self.head {
-            Head::Base => EncoderOutput::Hidden {
-                last: batch.split_by_sequence(rows_f32(&batch.real_rows(&hidden)?)?),
-                pooled: match &self.pooler {
-                    Some(pooler) => Some(rows_f32(&pooler.forward(&hidden)?)?),
-                    None => None,
-                },
-            },
+        // Per-token heads run on the requested tokens only: padding, and the tokens nobody
+        // reads, cost nothing in the head (the masked-LM decoder is the largest matmul of a
+        // small model).
+        let tokens = |head: &dyn Module| {
+            let rows = self.token_rows(inputs, &batch, &hidden, |x| Ok(head.forward(x)?))?;
+            Ok::<_, EngineError>(rows.into_iter().map(EncoderOutput::Tokens).collect())
+        };
+        match &self.head {
+            Head::Base => self.base_outputs(inputs, &batch, &hidden),
             Head::SequenceClassification(classifier)
             | Head::MultipleChoice(classifier)
             | Head::NextSentencePrediction(classifier) => {
-                EncoderOutput::Sequences(rows_f32(&classifier.forward(&self.pooled(&hidden)?)?)?)
+                let logits = classifier.forward(&self.pooled(&hidden)?)?;
+                Ok(rows_f32(&logits)?
+                    .into_iter()
+                    .map(EncoderOutput::Sequence)
+                    .collect())
             }
-            Head::TokenClassification(classifier) => EncoderOutput::Tokens(
-                batch
-                    .split_by_sequence(rows_f32(&classifier.forward(&batch.real_rows(&hidden)?)?)?),
-            ),
-            Head::MaskedLm(lm_head) => EncoderOutput::Tokens(
-                batch.split_by_sequence(rows_f32(&lm_head.forward(&batch.real_rows(&hidden)?)?)?),
-            ),
+            Head::TokenClassification(classifier) => tokens(classifier),
+            Head::MaskedLm(lm_head) => tokens(lm_head),
             Head::QuestionAnswering(qa_outputs) => {
                 let logits = qa_outputs.forward(&batch.real_rows(&hidden)?)?;
                 let column = |i: usize| -> Result<Vec<Vec<f32>>> {
@@ -323,28 +401,12 @@ impl<B: EncoderBody> EncoderModel for EncoderWithHead<B> {
                         .to_vec1()?;
                     Ok(batch.split_by_sequence(values))
                 };
-                EncoderOutput::Spans {
-                    start: column(0)?,
-                    end: column(1)?,
-                }
+                Ok(column(0)?
+                    .into_iter()
+                    .zip(column(1)?)
+                    .map(|(start, end)| EncoderOutput::Span { start, end })
+                    .collect())
             }
-        })
-    }
-}
-
-fn empty_output(head: &Head) -> EncoderOutput {
-    match head {
-        Head::Base => EncoderOutput::Hidden {
-            last: Vec::new(),
-            pooled: None,
-        },
-        Head::SequenceClassification(_)
-        | Head::MultipleChoice(_)
-        | Head::NextSentencePrediction(_) => EncoderOutput::Sequences(Vec::new()),
-        Head::TokenClassification(_) | Head::MaskedLm(_) => EncoderOutput::Tokens(Vec::new()),
-        Head::QuestionAnswering(_) => EncoderOutput::Spans {
-            start: Vec::new(),
-            end: Vec::new(),
-        },
+        }
     }
 }

@@ -145,15 +145,12 @@ impl MegatronBertEmbeddings {
         })
     }
 
-    /// The embeddings of a padded encoder batch, at positions `0..seq_len`.
+    /// The embeddings of a padded encoder batch, each token at its position id.
     pub fn forward(&self, batch: &PaddedBatch) -> Result<Tensor> {
         let words = self.word_embeddings.forward(&batch.input_ids)?;
         let types = self.token_type_embeddings.forward(&batch.token_type_ids)?;
-        let positions = self
-            .position_embeddings
-            .embeddings()
-            .narrow(0, 0, batch.seq_len)?;
-        Ok((words + types)?.broadcast_add(&positions)?)
+        let positions = self.position_embeddings.forward(&batch.position_ids)?;
+        Ok(((words + types)? + positions)?)
     }
 
     /// The embeddings of a decoder step: segment 0 everywhere (transformers' default when no
@@ -287,7 +284,9 @@ impl EncoderBody for MegatronBertModel {
             vocab_size: self.config.vocab_size,
             type_vocab_size: self.config.type_vocab_size,
             max_positions: self.config.max_position_embeddings,
+            first_position: 0,
             causal: self.config.is_decoder,
+            entities: None,
         }
     }
 

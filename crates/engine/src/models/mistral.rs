@@ -10,7 +10,9 @@ use crate::decoder::state::{SequenceState, StateSpec};
 use crate::decoder::step::{Step, StepBatch, StepRow};
 use crate::decoder::{CausalLm, LogitsMode};
 use crate::encoder::labels::Labels;
-use crate::encoder::{EncoderInput, EncoderModel, EncoderOutput, EncoderTask};
+use crate::encoder::{
+    EncoderContract, EncoderInput, EncoderModel, EncoderOutput, EncoderTask, InputLimits,
+};
 use crate::error::{EngineError, Result};
 use crate::layers::SparseMoe;
 use crate::layers::{GatedMlp, Linear, RmsNorm, RotaryEmbedding, RotaryTables};
@@ -526,16 +528,44 @@ impl EncoderModel for MistralForSequenceClassification {
         Some(&self.labels)
     }
 
-    fn max_positions(&self) -> usize {
-        self.model.config.max_position_embeddings
+    fn contract(&self) -> EncoderContract {
+        EncoderContract {
+            limits: InputLimits {
+                vocab_size: self.model.config.vocab_size,
+                // Mistral has no segments: whatever segment ids the tokenizer gives are unused.
+                type_vocab_size: usize::MAX,
+                max_positions: self.model.config.max_position_embeddings,
+                first_position: 0,
+                causal: true,
+                entities: None,
+            },
+            task: EncoderTask::SequenceClassification,
+            has_pooler: false,
+        }
     }
 
     fn hidden_size(&self) -> usize {
         self.model.config.hidden_size
     }
 
-    fn forward(&self, inputs: &[EncoderInput]) -> Result<EncoderOutput> {
+    fn forward(&self, inputs: &[EncoderInput]) -> Result<Vec<EncoderOutput>> {
+        if inputs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let contract = self.contract();
+        for input in inputs {
+            contract.check(input)?;
+            if input.position_ids.is_some() {
+                return Err(EngineError::InvalidRequest(
+                    "this model numbers its tokens itself; position ids are not taken".into(),
+                ));
+            }
+        }
         let sequences: Vec<&[u32]> = inputs.iter().map(|input| input.ids.as_slice()).collect();
-        Ok(EncoderOutput::Sequences(self.logits(&sequences)?))
+        Ok(self
+            .logits(&sequences)?
+            .into_iter()
+            .map(EncoderOutput::Sequence)
+            .collect())
     }
 }

@@ -156,7 +156,9 @@ impl MobileBertConfig {
             vocab_size: self.vocab_size,
             type_vocab_size: self.type_vocab_size,
             max_positions: self.max_position_embeddings,
+            first_position: 0,
             causal: self.is_decoder,
+            entities: None,
         }
     }
 }
@@ -168,7 +170,7 @@ impl MobileBertConfig {
 pub struct MobileBertEmbeddings {
     word_embeddings: Embedding,
     embedding_transformation: Option<Linear>,
-    position_embeddings: Tensor,
+    position_embeddings: Embedding,
     token_type_embeddings: Embedding,
     norm: Norm,
     trigram_input: bool,
@@ -195,9 +197,11 @@ impl MobileBertEmbeddings {
                 vb.pp("word_embeddings"),
             )?,
             embedding_transformation,
-            position_embeddings: vb
-                .pp("position_embeddings")
-                .get((config.max_position_embeddings, hidden), "weight")?,
+            position_embeddings: candle_nn::embedding(
+                config.max_position_embeddings,
+                hidden,
+                vb.pp("position_embeddings"),
+            )?,
             token_type_embeddings: candle_nn::embedding(
                 config.type_vocab_size,
                 hidden,
@@ -230,10 +234,9 @@ impl MobileBertEmbeddings {
         if let Some(transformation) = &self.embedding_transformation {
             x = transformation.forward(&x)?;
         }
-        let positions = self.position_embeddings.narrow(0, 0, batch.seq_len)?;
-        let x = x
-            .broadcast_add(&positions)?
-            .add(&self.token_type_embeddings.forward(&batch.token_type_ids)?)?;
+        let positions = self.position_embeddings.forward(&batch.position_ids)?;
+        let x =
+            (x + positions)?.add(&self.token_type_embeddings.forward(&batch.token_type_ids)?)?;
         Ok(self.norm.forward(&x)?)
     }
 }

@@ -229,6 +229,16 @@ pub enum SamplingError {
     AllTokensMasked,
 }
 
+impl SamplingError {
+    /// Whether the request's parameters are at fault (a 4xx), not the model's logits (a 5xx).
+    pub fn is_request_fault(&self) -> bool {
+        match self {
+            Self::InvalidParameter { .. } | Self::TokenOutOfVocabulary { .. } => true,
+            Self::EmptyLogits | Self::InvalidLogit { .. } | Self::AllTokensMasked => false,
+        }
+    }
+}
+
 /// A sampled token, with the log-probabilities that were asked for.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Sampled {

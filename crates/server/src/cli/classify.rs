@@ -59,19 +59,19 @@ pub fn run(args: ClassifyArgs) -> Result<()> {
     {
         bail!("{:?} has no tokens", empty.0);
     }
-    let inputs: Vec<EncoderInput> = sequences
+    let inputs: Vec<EncoderInput> = sequences.into_iter().map(EncoderInput::single).collect();
+    let logits: Vec<Vec<f32>> = loaded
+        .model
+        .forward(&inputs)?
         .into_iter()
-        .map(|ids| EncoderInput {
-            type_ids: vec![0; ids.len()],
-            ids,
+        .map(|output| match output {
+            EncoderOutput::Sequence(row) => Ok(row),
+            _ => Err(anyhow::anyhow!(
+                "{} did not answer one row of logits per text",
+                loaded.architecture
+            )),
         })
-        .collect();
-    let EncoderOutput::Sequences(logits) = loaded.model.forward(&inputs)? else {
-        bail!(
-            "{} did not answer one row of logits per text",
-            loaded.architecture
-        );
-    };
+        .collect::<anyhow::Result<_>>()?;
     for (text, row) in args.text.iter().zip(&logits) {
         let mut scored: Vec<(&String, f32)> =
             labels.names.iter().zip(function.apply(row)).collect();

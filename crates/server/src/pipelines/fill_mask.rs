@@ -4,7 +4,8 @@
 //! A text with one mask gets a list of proposals; a text with several masks gets one list per
 //! mask, each proposal filling its own mask only (the others stay in the sequence).
 
-use candlewick_scheduler::{EncodedSequence, EncoderInfo};
+use candlewick_engine::{EncoderOutput, Requested};
+use candlewick_scheduler::EncoderInfo;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokenizers::TruncationParams;
@@ -231,7 +232,9 @@ pub fn prepare(
                 format!("No mask_token ({mask_token}) found on the input ({what})"),
             ));
         }
-        sequences.push(encoder_input(&encoding));
+        // Only the masks' rows of the vocabulary logits are computed and copied.
+        let mask_tokens = masks.iter().map(|&position| position as u32).collect();
+        sequences.push(encoder_input(&encoding).requesting(Requested::Tokens(mask_tokens)));
         texts.push(Text {
             ids: encoding.get_ids().to_vec(),
             masks,
@@ -250,20 +253,20 @@ pub fn prepare(
 }
 
 /// Proposes the likeliest tokens for each mask.
-pub fn finish(plan: Plan, outputs: Vec<EncodedSequence>) -> Result<Output, ApiError> {
+pub fn finish(plan: Plan, outputs: Vec<EncoderOutput>) -> Result<Output, ApiError> {
     check_count(&outputs, plan.texts.len())?;
     let mut answers = Vec::with_capacity(outputs.len());
     for (text, output) in plan.texts.iter().zip(outputs) {
-        let EncodedSequence::Tokens(logits) = output else {
+        let EncoderOutput::Tokens(logits) = output else {
             return Err(wrong_output("fill-mask", "vocabulary logits per token"));
         };
-        if logits.len() != text.ids.len() {
-            return Err(wrong_output("fill-mask", "a row of logits per token"));
+        if logits.len() != text.masks.len() {
+            return Err(wrong_output("fill-mask", "a row of logits per mask"));
         }
         let single_mask = text.masks.len() == 1;
         let mut per_mask = Vec::with_capacity(text.masks.len());
-        for &position in &text.masks {
-            let probabilities = super::softmax(&logits[position]);
+        for (&position, mask_logits) in text.masks.iter().zip(&logits) {
+            let probabilities = super::softmax(mask_logits);
             let candidates: Vec<(u32, f32)> = match &plan.target_ids {
                 Some(ids) => ids
                     .iter()
@@ -345,6 +348,7 @@ mod tests {
             labels: None,
             max_sequence_tokens: 16,
             hidden_size: 4,
+            contract: crate::pipelines::tests::contract(EncoderTask::MaskedLm),
         }
     }
 
@@ -361,8 +365,15 @@ mod tests {
             .iter()
             .zip(favourites)
             .map(|(input, favourites)| {
-                let rows = input
-                    .ids
+                // The model answers the mask tokens only, as the input asks.
+                let Requested::Tokens(masks) = &input.output else {
+                    panic!("fill-mask asks for every token: {:?}", input.output);
+                };
+                assert!(
+                    masks.iter().all(|&m| input.ids[m as usize] == 4),
+                    "[MASK] is 4"
+                );
+                let rows = masks
                     .iter()
                     .map(|_| {
                         let mut row = vec![0.0; VOCAB];
@@ -372,7 +383,7 @@ mod tests {
                         row
                     })
                     .collect();
-                EncodedSequence::Tokens(rows)
+                EncoderOutput::Tokens(rows)
             })
             .collect();
         Ok(serde_json::to_value(finish(prepared.plan, outputs)?).unwrap())

@@ -21,7 +21,7 @@ mod tokenizer;
 pub use tokenizer::PipelineTokenizer;
 
 use candlewick_engine::encoder::EncoderInput;
-use candlewick_scheduler::EncodedSequence;
+use candlewick_engine::EncoderOutput;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer};
 use serde_json::Value;
@@ -118,14 +118,14 @@ fn too_long(what: &str, tokens: usize, max: usize, hint: &str) -> ApiError {
 
 /// The model input of one encoding.
 fn encoder_input(encoding: &Encoding) -> EncoderInput {
-    EncoderInput {
-        ids: encoding.get_ids().to_vec(),
-        type_ids: encoding.get_type_ids().to_vec(),
-    }
+    EncoderInput::new(
+        encoding.get_ids().to_vec(),
+        encoding.get_type_ids().to_vec(),
+    )
 }
 
 /// Checks that the encoder answered once per sequence.
-fn check_count(outputs: &[EncodedSequence], expected: usize) -> Result<(), ApiError> {
+fn check_count(outputs: &[EncoderOutput], expected: usize) -> Result<(), ApiError> {
     if outputs.len() == expected {
         Ok(())
     } else {
@@ -191,8 +191,27 @@ fn char_slice(text: &str, start: usize, end: usize) -> &str {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
+    use candlewick_engine::encoder::{EncoderContract, EncoderTask, InputLimits};
+
     use super::*;
+
+    /// The contract of a test model doing `task` that takes whatever the tests' tokenizers
+    /// give.
+    pub(crate) fn contract(task: EncoderTask) -> EncoderContract {
+        EncoderContract {
+            limits: InputLimits {
+                vocab_size: 1 << 16,
+                type_vocab_size: 2,
+                max_positions: 512,
+                first_position: 0,
+                causal: false,
+                entities: None,
+            },
+            task,
+            has_pooler: false,
+        }
+    }
 
     #[test]
     fn char_slices_count_characters_and_clamp_like_python() {

@@ -7,7 +7,8 @@
 //! span scores `p_start * p_end` when it ends at most `max_answer_len` tokens after it starts,
 //! and the best spans of all windows are mapped back to characters of the context.
 
-use candlewick_scheduler::{EncodedSequence, EncoderInfo};
+use candlewick_engine::EncoderOutput;
+use candlewick_scheduler::EncoderInfo;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokenizers::{Encoding, TruncationParams, TruncationStrategy};
@@ -326,7 +327,7 @@ fn windows(
 }
 
 /// Finds the best spans of every window and maps them to the contexts.
-pub fn finish(plan: Plan, outputs: Vec<EncodedSequence>) -> Result<Output, ApiError> {
+pub fn finish(plan: Plan, outputs: Vec<EncoderOutput>) -> Result<Output, ApiError> {
     let windows: usize = plan.examples.iter().map(|e| e.windows.len()).sum();
     check_count(&outputs, windows)?;
     let mut outputs = outputs.into_iter();
@@ -336,7 +337,7 @@ pub fn finish(plan: Plan, outputs: Vec<EncodedSequence>) -> Result<Output, ApiEr
         let mut found = Vec::new();
         let mut min_null_score = 1_000_000f64;
         for window in &example.windows {
-            let Some(EncodedSequence::Span { start, end }) = outputs.next() else {
+            let Some(EncoderOutput::Span { start, end }) = outputs.next() else {
                 return Err(wrong_output("question-answering", "start and end logits"));
             };
             let length = window.allowed.len();
@@ -481,6 +482,7 @@ mod tests {
             labels: None,
             max_sequence_tokens: 64,
             hidden_size: 4,
+            contract: crate::pipelines::tests::contract(EncoderTask::QuestionAnswering),
         }
     }
 
@@ -526,7 +528,7 @@ mod tests {
         let end = logits(15, &[(2, 9.0), (11, 3.0), (12, 2.0)]);
         let answer = finish(
             prepared.plan,
-            vec![EncodedSequence::Span {
+            vec![EncoderOutput::Span {
                 start: start.clone(),
                 end: end.clone(),
             }],
@@ -549,7 +551,7 @@ mod tests {
         let end = logits(15, &[(0, 6.0), (11, 3.0), (12, 2.0)]);
         let answer = finish(
             prepared.plan,
-            vec![EncodedSequence::Span {
+            vec![EncoderOutput::Span {
                 start: start.clone(),
                 end: end.clone(),
             }],
@@ -585,7 +587,7 @@ mod tests {
         for align in [true, false] {
             let parameters = Parameters::parse(Some(&json!({"align_to_words": align}))).unwrap();
             let prepared = prepare(&tokenizer(), &info(), &question, &parameters).unwrap();
-            let span = EncodedSequence::Span {
+            let span = EncoderOutput::Span {
                 start: start.clone(),
                 end: end.clone(),
             };
@@ -620,15 +622,15 @@ mod tests {
             .all(|input| input.type_ids[7] == 1 && input.type_ids[6] == 0));
         // Window 2 is confident about "new york", window 3 about "city".
         let spans = vec![
-            EncodedSequence::Span {
+            EncoderOutput::Span {
                 start: logits(12, &[]),
                 end: logits(12, &[]),
             },
-            EncodedSequence::Span {
+            EncoderOutput::Span {
                 start: logits(12, &[(8, 4.0)]),
                 end: logits(12, &[(9, 4.0)]),
             },
-            EncodedSequence::Span {
+            EncoderOutput::Span {
                 start: logits(11, &[(8, 6.0)]),
                 end: logits(11, &[(8, 6.0)]),
             },
@@ -652,7 +654,7 @@ mod tests {
         let spans = prepared
             .inputs
             .iter()
-            .map(|input| EncodedSequence::Span {
+            .map(|input| EncoderOutput::Span {
                 start: logits(input.ids.len(), &[]),
                 end: logits(input.ids.len(), &[]),
             })

@@ -9,7 +9,8 @@
 //!   `top_k`, and a single input is answered with that list.
 
 use candlewick_engine::encoder::labels::{Labels, ScoreFunction};
-use candlewick_scheduler::{EncodedSequence, EncoderInfo};
+use candlewick_engine::EncoderOutput;
+use candlewick_scheduler::EncoderInfo;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokenizers::{TruncationParams, TruncationStrategy};
@@ -290,11 +291,11 @@ pub fn prepare(
 }
 
 /// Scores each input's logits and shapes the answer as the pipeline does.
-pub fn finish(plan: Plan, outputs: Vec<EncodedSequence>) -> Result<Output, ApiError> {
+pub fn finish(plan: Plan, outputs: Vec<EncoderOutput>) -> Result<Output, ApiError> {
     check_count(&outputs, plan.count)?;
     let mut answers = Vec::with_capacity(outputs.len());
     for output in outputs {
-        let EncodedSequence::Sequence(logits) = output else {
+        let EncoderOutput::Sequence(logits) = output else {
             return Err(wrong_output(
                 "text-classification",
                 "one row of logits per input",
@@ -367,6 +368,7 @@ mod tests {
             }),
             max_sequence_tokens: 8,
             hidden_size: 4,
+            contract: crate::pipelines::tests::contract(EncoderTask::SequenceClassification),
         }
     }
 
@@ -377,7 +379,7 @@ mod tests {
         let prepared = prepare(&tokenizer, &info, &inputs, &parameters)?;
         let outputs = logits
             .iter()
-            .map(|row| EncodedSequence::Sequence(row.to_vec()))
+            .map(|row| EncoderOutput::Sequence(row.to_vec()))
             .collect();
         Ok(serde_json::to_value(finish(prepared.plan, outputs)?).unwrap())
     }

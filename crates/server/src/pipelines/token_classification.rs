@@ -6,7 +6,8 @@
 //! where they overlap.
 
 use candlewick_engine::encoder::labels::Labels;
-use candlewick_scheduler::{EncodedSequence, EncoderInfo};
+use candlewick_engine::EncoderOutput;
+use candlewick_scheduler::EncoderInfo;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokenizers::{TruncationParams, TruncationStrategy};
@@ -283,7 +284,7 @@ pub fn prepare(
 }
 
 /// Labels the tokens of every window and aggregates them into the pipeline's entities.
-pub fn finish(plan: Plan, outputs: Vec<EncodedSequence>) -> Result<Output, ApiError> {
+pub fn finish(plan: Plan, outputs: Vec<EncoderOutput>) -> Result<Output, ApiError> {
     let windows: usize = plan.texts.iter().map(|text| text.windows.len()).sum();
     check_count(&outputs, windows)?;
     let mut outputs = outputs.into_iter();
@@ -291,7 +292,7 @@ pub fn finish(plan: Plan, outputs: Vec<EncodedSequence>) -> Result<Output, ApiEr
     for text in &plan.texts {
         let mut entities = Vec::new();
         for window in &text.windows {
-            let Some(EncodedSequence::Tokens(logits)) = outputs.next() else {
+            let Some(EncoderOutput::Tokens(logits)) = outputs.next() else {
                 return Err(wrong_output("token-classification", "logits per token"));
             };
             if logits.len() != window.ids.len()
@@ -595,6 +596,7 @@ mod tests {
             }),
             max_sequence_tokens,
             hidden_size: 4,
+            contract: crate::pipelines::tests::contract(EncoderTask::TokenClassification),
         }
     }
 
@@ -618,7 +620,7 @@ mod tests {
         rows.extend(labels.iter().map(|&(label, strength)| row(label, strength)));
         rows.push(row(0, 5.0));
         assert_eq!(rows.len(), prepared.inputs[0].ids.len());
-        let output = finish(prepared.plan, vec![EncodedSequence::Tokens(rows)]).unwrap();
+        let output = finish(prepared.plan, vec![EncoderOutput::Tokens(rows)]).unwrap();
         serde_json::to_value(output).unwrap()
     }
 
@@ -787,7 +789,7 @@ mod tests {
         // Window 1 sees "sarah jones" as PER; window 2 a longer PER from "##nes" to "in", which
         // replaces it where they overlap; window 3 sees "new york".
         let outputs = vec![
-            EncodedSequence::Tokens(vec![
+            EncoderOutput::Tokens(vec![
                 row(0, 5.0),
                 row(1, 2.0),
                 row(2, 2.0),
@@ -795,7 +797,7 @@ mod tests {
                 row(0, 2.0),
                 row(0, 5.0),
             ]),
-            EncodedSequence::Tokens(vec![
+            EncoderOutput::Tokens(vec![
                 row(0, 5.0),
                 row(1, 2.0),
                 row(2, 2.0),
@@ -803,7 +805,7 @@ mod tests {
                 row(0, 2.0),
                 row(0, 5.0),
             ]),
-            EncodedSequence::Tokens(vec![
+            EncoderOutput::Tokens(vec![
                 row(0, 5.0),
                 row(0, 2.0),
                 row(3, 2.0),

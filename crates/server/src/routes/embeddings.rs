@@ -5,8 +5,7 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::Json;
 use base64::Engine as _;
-use candlewick_engine::encoder::EncoderInput;
-use candlewick_scheduler::EncodedSequence;
+use candlewick_engine::{EncoderInput, EncoderOutput, Requested};
 
 use super::JsonBody;
 use crate::api::completions::PromptInput;
@@ -16,7 +15,7 @@ use crate::api::embeddings::{
 use crate::error::ApiError;
 use crate::generation::blocking;
 use crate::routes::encoders::run_encoder;
-use crate::state::{AppState, Pooling};
+use crate::state::AppState;
 
 /// Embeds each input, pooled as the server was configured.
 pub async fn create(
@@ -28,7 +27,8 @@ pub async fn create(
     let plan = request.validate(scheduler.info().hidden_size)?;
     let pooling = state.pooling().unwrap_or_default();
     let tokenizer = state.tokenizer.shared();
-    let vocab_size = state.tokenizer.vocab_size();
+    // Token ids are checked against the model's own vocabulary by the encoder scheduler, with
+    // every other limit of the model, before the request joins a batch.
     let inputs = blocking(move || {
         plan.inputs
             .into_iter()
@@ -41,14 +41,7 @@ pub async fn create(
                         .to_vec(),
                     PromptInput::Tokens(ids) => ids,
                 };
-                if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab_size) {
-                    return Err(ApiError::invalid(
-                        "input",
-                        format!("token id {bad} is out of range for a vocabulary of {vocab_size}"),
-                    ));
-                }
-                let type_ids = vec![0; ids.len()];
-                Ok(EncoderInput { ids, type_ids })
+                Ok(EncoderInput::single(ids).requesting(Requested::Pooled(pooling)))
             })
             .collect::<Result<Vec<_>, _>>()
     })
@@ -59,7 +52,11 @@ pub async fn create(
         .into_iter()
         .enumerate()
         .map(|(index, output)| {
-            let vector = pool(output, pooling)?;
+            let EncoderOutput::Pooled(vector) = output else {
+                return Err(ApiError::Internal(format!(
+                    "the encoder returned {output:?} for a pooled request"
+                )));
+            };
             let embedding = match plan.format {
                 EncodingFormat::Float => EmbeddingVector::Float(vector),
                 EncodingFormat::Base64 => {
@@ -83,33 +80,4 @@ pub async fn create(
             total_tokens: prompt_tokens,
         },
     }))
-}
-
-/// One vector from a sequence's hidden states.
-pub fn pool(output: EncodedSequence, pooling: Pooling) -> Result<Vec<f32>, ApiError> {
-    let EncodedSequence::Hidden { last, pooled } = output else {
-        return Err(ApiError::Internal(
-            "the encoder returned no hidden states".into(),
-        ));
-    };
-    match pooling {
-        Pooling::Mean => {
-            let width = last.first().map_or(0, Vec::len);
-            let mut sum = vec![0f32; width];
-            for row in &last {
-                for (s, v) in sum.iter_mut().zip(row) {
-                    *s += v;
-                }
-            }
-            let count = last.len().max(1) as f32;
-            Ok(sum.into_iter().map(|s| s / count).collect())
-        }
-        Pooling::Cls => last
-            .into_iter()
-            .next()
-            .ok_or_else(|| ApiError::Internal("an empty sequence has no first token".into())),
-        Pooling::Pooler => {
-            pooled.ok_or_else(|| ApiError::Internal("this model has no pooler".into()))
-        }
-    }
 }

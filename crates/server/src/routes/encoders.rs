@@ -8,7 +8,8 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::Json;
 use candlewick_engine::encoder::EncoderInput;
-use candlewick_scheduler::{EncodedSequence, EncoderInfo, EncoderScheduler, SchedulerError};
+use candlewick_engine::EncoderOutput;
+use candlewick_scheduler::{EncoderInfo, EncoderScheduler, SchedulerError};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -44,21 +45,15 @@ pub async fn run_encoder(
     scheduler: &EncoderScheduler,
     inputs: Vec<EncoderInput>,
     param: &'static str,
-) -> Result<Vec<EncodedSequence>, ApiError> {
+) -> Result<Vec<EncoderOutput>, ApiError> {
     let count = inputs.len();
     let receiver = scheduler
         .submit(inputs)
-        .map_err(|source| ApiError::Scheduler {
-            source,
-            prompt_param: param,
-        })?;
+        .map_err(|source| ApiError::scheduler(source, param))?;
     let outputs = receiver
         .await
-        .map_err(|_| ApiError::Scheduler {
-            source: SchedulerError::Stopped,
-            prompt_param: param,
-        })?
-        .map_err(|source| ApiError::GenerationFailed(source.to_string()))?;
+        .map_err(|_| ApiError::scheduler(SchedulerError::Stopped, param))?
+        .map_err(|source| ApiError::scheduler(source, param))?;
     if outputs.len() != count {
         return Err(ApiError::Internal(format!(
             "the encoder returned {} outputs for {count} inputs",
@@ -147,7 +142,7 @@ struct Pipeline<Parameters, Plan, Output> {
     task: &'static str,
     parse: fn(Option<&Value>) -> Result<Parameters, ApiError>,
     prepare: PrepareFn<Parameters, Plan>,
-    finish: fn(Plan, Vec<EncodedSequence>) -> Result<Output, ApiError>,
+    finish: fn(Plan, Vec<EncoderOutput>) -> Result<Output, ApiError>,
 }
 
 impl<Parameters, Plan, Output> Pipeline<Parameters, Plan, Output>
