@@ -5,7 +5,8 @@ count, in one run.
 Makes (once) a Mistral-shaped model of about 100M parameters with random weights and the real
 Mistral tokenizer, then measures prefill and decode tokens/s at each batch size for both, and the
 floor that reading every weight once per decode step sets (weight bytes / measured memory read
-bandwidth, measured by `candlewick bench`).
+bandwidth, measured by `candlewick bench`). Candlewick runs twice: on its CPU kernels, and on the
+device-generic code (CANDLEWICK_GENERIC_KERNELS=1, what CUDA runs) for the step times of both.
 
 Requires: pip install torch transformers==4.37.2 sentencepiece protobuf
 Usage: python tests/bench/compare_transformers.py [--threads 2] [--batch-sizes 1,16]
@@ -88,11 +89,14 @@ def bench_transformers(path: Path, batch_sizes, prompt_len, new_tokens, threads)
     return params, results
 
 
-def bench_candlewick(path: Path, batch_sizes, prompt_len, new_tokens, threads):
+def bench_candlewick(path: Path, batch_sizes, prompt_len, new_tokens, threads, generic=False):
     binary = ROOT / "target" / "release" / "candlewick"
     if not binary.exists():
         sys.exit(f"{binary} not found: run `cargo build --release` first")
     env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
+    env.pop("CANDLEWICK_GENERIC_KERNELS", None)
+    if generic:
+        env["CANDLEWICK_GENERIC_KERNELS"] = "1"
     out = subprocess.run(
         [
             str(binary),
@@ -132,6 +136,8 @@ def main():
 
     make_model(args.model_dir, args.sp_model)
     ours = bench_candlewick(args.model_dir, batch_sizes, args.prompt_len, args.new_tokens, args.threads)
+    generic = bench_candlewick(args.model_dir, batch_sizes, args.prompt_len, args.new_tokens, args.threads,
+                               generic=True)
     params, theirs = bench_transformers(args.model_dir, batch_sizes, args.prompt_len, args.new_tokens, args.threads)
 
     floor = ours["memory_read_gb_per_s"] * 1e9 / ours["decode_weight_bytes"]
@@ -145,6 +151,16 @@ def main():
         print(
             f"{o['batch']:>5} | {o['prefill_tokens_per_s']:>10.1f} {t['prefill_tokens_per_s']:>12.1f} {o['prefill_tokens_per_s'] / t['prefill_tokens_per_s']:>4.1f}"
             f" | {o['decode_tokens_per_s']:>10.1f} {t['decode_tokens_per_s']:>12.1f} {o['decode_tokens_per_s'] / t['decode_tokens_per_s']:>4.1f}"
+        )
+    print()
+    print("the device-generic path (CANDLEWICK_GENERIC_KERNELS=1: what CUDA runs), on these CPUs:")
+    print(f"{'batch':>5} | {'prefill tok/s':>24} | {'decode step ms':>24}")
+    print(f"{'':>5} | {'generic':>10} {'cpu kernels':>11} {'x':>3} | {'generic':>10} {'cpu kernels':>11} {'x':>3}")
+    for g, o in zip(generic["results"], ours["results"]):
+        print(
+            f"{g['batch']:>5} | {g['prefill_tokens_per_s']:>10.1f} {o['prefill_tokens_per_s']:>11.1f}"
+            f" {g['prefill_tokens_per_s'] / o['prefill_tokens_per_s']:>4.2f}"
+            f" | {g['decode_step_ms']:>10.2f} {o['decode_step_ms']:>11.2f} {g['decode_step_ms'] / o['decode_step_ms']:>4.2f}"
         )
     one = ours["results"][0]
     print()

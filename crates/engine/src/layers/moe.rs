@@ -84,18 +84,28 @@ impl SparseMoe {
     }
 
     /// Routes every token of `x` (`[..., hidden]`) and sums its experts' weighted outputs.
+    ///
+    /// On the CPU kernels, and for steps of more than [`DEVICE_ROUTING_MAX_TOKENS`] tokens, the
+    /// router's logits go to the host and each expert runs on its own tokens only (one copy per
+    /// layer, amortised over the step's tokens). Decode-sized steps on the device-generic path
+    /// keep the choices on the device: every expert runs on every token, weighted by a routing
+    /// matrix that is zero off the top k, so no layer waits for a copy to the host; the step is
+    /// bound by reading the experts' weights either way.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let _enter = self.span.enter();
         let dims = x.dims().to_vec();
         let hidden = dims[dims.len() - 1];
         let tokens = x.elem_count() / hidden;
         let x = x.reshape((tokens, hidden))?;
-        let router_logits: Vec<f32> = self
-            .gate
-            .forward(&x)?
-            .to_dtype(DType::F32)?
-            .flatten_all()?
-            .to_vec1()?;
+        let router_logits = self.gate.forward(&x)?.to_dtype(DType::F32)?;
+        let on_device = !x.device().is_cpu() || crate::kernels::generic_only();
+        if on_device && tokens <= DEVICE_ROUTING_MAX_TOKENS {
+            return self
+                .forward_dense(&x, &router_logits)?
+                .reshape(dims)
+                .map_err(Into::into);
+        }
+        let router_logits: Vec<f32> = router_logits.flatten_all()?.to_vec1()?;
         let batches = route(&router_logits, self.experts.len(), self.top_k);
 
         let mut outputs = Vec::with_capacity(self.experts.len());
@@ -118,6 +128,44 @@ impl SparseMoe {
             .index_add(&destinations, &outputs, 0)?
             .reshape(dims)?)
     }
+
+    /// Every expert on every token of `x` (`[tokens, hidden]`), summed with the weights of
+    /// [`routing_weights`]: the same result as the sparse path, all on the device.
+    fn forward_dense(&self, x: &Tensor, router_logits: &Tensor) -> Result<Tensor> {
+        let weights = routing_weights(router_logits, self.top_k)?.to_dtype(x.dtype())?;
+        let mut sum: Option<Tensor> = None;
+        for (expert, mlp) in self.experts.iter().enumerate() {
+            let output = mlp
+                .forward(x)?
+                .broadcast_mul(&weights.narrow(1, expert, 1)?)?;
+            sum = Some(match sum {
+                Some(sum) => (sum + output)?,
+                None => output,
+            });
+        }
+        Ok(sum.expect("a mixture has at least one expert"))
+    }
+}
+
+/// Steps of at most this many tokens route on the device when the model runs the device-generic
+/// code: a decode step of a full batch, not a long prefill chunk.
+pub const DEVICE_ROUTING_MAX_TOKENS: usize = 64;
+
+/// `[tokens, experts]` f32 routing weights from the router's f32 logits, on their device:
+/// softmax over the experts, the `top_k` most probable kept and renormalised to sum to one,
+/// zero elsewhere. What [`route`] computes, as a dense matrix.
+pub fn routing_weights(router_logits: &Tensor, top_k: usize) -> Result<Tensor> {
+    let probabilities = candle_nn::ops::softmax_last_dim(router_logits)?;
+    let experts = probabilities.dim(1)?;
+    let chosen = probabilities
+        .arg_sort_last_dim(false)?
+        .narrow(1, 0, top_k.min(experts))?
+        .contiguous()?;
+    let chosen_probabilities = probabilities.gather(&chosen, 1)?;
+    let renormalised = chosen_probabilities.broadcast_div(&chosen_probabilities.sum_keepdim(1)?)?;
+    Ok(probabilities
+        .zeros_like()?
+        .scatter_add(&chosen, &renormalised, 1)?)
 }
 
 #[cfg(test)]
@@ -137,6 +185,32 @@ mod tests {
         let expected = 2f32.exp() / (2f32.exp() + 1f32.exp());
         assert!((batches[2].weights[0] - expected).abs() < 1e-6);
         assert!((batches[2].weights[0] + batches[0].weights[0] - 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn device_routing_weights_are_the_host_routes_as_a_matrix() {
+        let (tokens, experts, top_k) = (37, 8, 2);
+        let logits: Vec<f32> = (0..tokens * experts)
+            .map(|i| ((i * 7919) % 101) as f32 / 17.0 - 3.0)
+            .collect();
+        let batches = route(&logits, experts, top_k);
+        let mut expected = vec![vec![0f32; experts]; tokens];
+        for (expert, batch) in batches.iter().enumerate() {
+            for (&token, &weight) in batch.tokens.iter().zip(&batch.weights) {
+                expected[token as usize][expert] = weight;
+            }
+        }
+        let device = candle_core::Device::Cpu;
+        let logits = Tensor::from_vec(logits, (tokens, experts), &device).unwrap();
+        let weights: Vec<Vec<f32>> = routing_weights(&logits, top_k).unwrap().to_vec2().unwrap();
+        for (token, (row, expected_row)) in weights.iter().zip(&expected).enumerate() {
+            for (expert, (a, b)) in row.iter().zip(expected_row).enumerate() {
+                assert!(
+                    (a - b).abs() < 1e-6,
+                    "token {token} expert {expert}: {a} vs {b}"
+                );
+            }
+        }
     }
 
     #[test]
