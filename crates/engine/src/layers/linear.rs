@@ -1,9 +1,10 @@
 //! A linear layer with weights fused or packed once at load, and the matmul it picks per call.
 
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Module, Storage, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::error::Result;
+use crate::error::{EngineError, Result};
 use crate::kernels::cpu::{gemm as cpu_gemm, matmul as cpu_matmul};
 
 /// A linear layer `y = x W^T (+ b)` over the last dimension of `x`.
@@ -16,7 +17,7 @@ pub struct Linear {
 }
 
 /// How a [`Linear`] stores its weight.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 enum WeightLayout {
     /// `[out, in]`, as checkpoints store it.
     Rows,
@@ -25,6 +26,48 @@ enum WeightLayout {
     /// `[in, out]`, contiguous (CPU, f32, neither AVX-512 nor AVX2): what candle's GEMM reads
     /// best.
     Transposed,
+    /// Quantized blocks multiplied by candle's quantized matmul (its AVX2, AVX-512, NEON and
+    /// CUDA kernels); `weight` is then empty.
+    Quantized { matmul: QMatMul, out_dim: usize },
+}
+
+/// In-situ quantization of a model's linear weights at load, in candle's quantized formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WeightQuantization {
+    /// 8-bit blocks of 32 weights with one scale each (ggml's `q8_0`).
+    Q8_0,
+    /// 4-bit k-quants, super-blocks of 256 weights (ggml's `q4k`).
+    Q4K,
+}
+
+impl WeightQuantization {
+    /// Every format, as [`WeightQuantization::name`] spells them.
+    pub const ALL: [Self; 2] = [Self::Q8_0, Self::Q4K];
+
+    /// Parses `q8_0` or `q4k`.
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|q| q.name() == name)
+    }
+
+    /// The format's name, as candle's quantized module spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Q8_0 => "q8_0",
+            Self::Q4K => "q4k",
+        }
+    }
+
+    fn ggml(self) -> GgmlDType {
+        match self {
+            Self::Q8_0 => GgmlDType::Q8_0,
+            Self::Q4K => GgmlDType::Q4K,
+        }
+    }
+
+    /// Whether a weight whose rows are `in_dim` long splits into whole blocks.
+    pub fn fits(self, in_dim: usize) -> bool {
+        in_dim.is_multiple_of(self.ggml().block_size())
+    }
 }
 
 impl Linear {
@@ -57,7 +100,7 @@ impl Linear {
     /// along the output dimension once at load, so that each step runs one matmul instead of
     /// several. Fuse before [`Linear::into_batched_layout`].
     pub fn fused(parts: &[Linear]) -> Result<Self> {
-        if parts.iter().any(|p| p.layout != WeightLayout::Rows) {
+        if parts.iter().any(|p| !matches!(p.layout, WeightLayout::Rows)) {
             return Err(candle_core::Error::Msg(
                 "layers are fused before they change layout".into(),
             )
@@ -82,7 +125,7 @@ impl Linear {
     /// held once in the new layout (twice when it is shared, as tied embeddings are). A no-op
     /// off CPU, for other dtypes than f32, and under `CANDLEWICK_GENERIC_KERNELS=1`.
     pub fn into_batched_layout(self) -> Result<Self> {
-        if self.layout != WeightLayout::Rows
+        if !matches!(self.layout, WeightLayout::Rows)
             || !self.weight.device().is_cpu()
             || self.weight.dtype() != DType::F32
             || crate::kernels::generic_only()
@@ -108,11 +151,43 @@ impl Linear {
         })
     }
 
+    /// Quantizes the weight to `format` in place of the f32 (or bf16) rows; the bias stays
+    /// as it is. Returns the layer unchanged, and false, when its rows do not split into whole
+    /// blocks of the format. Quantize before [`Linear::into_batched_layout`] (which then leaves
+    /// the layer as it is).
+    pub fn quantized(self, format: WeightQuantization) -> Result<(Self, bool)> {
+        if !matches!(self.layout, WeightLayout::Rows) {
+            return Err(EngineError::Internal(
+                "layers are quantized before they change layout".into(),
+            ));
+        }
+        let (out_dim, in_dim) = self.weight.dims2()?;
+        if !format.fits(in_dim) {
+            return Ok((self, false));
+        }
+        let qtensor = QTensor::quantize(&self.weight.to_dtype(DType::F32)?, format.ggml())?;
+        let matmul = QMatMul::from_qtensor(qtensor)?;
+        let empty = Tensor::zeros(0, self.weight.dtype(), self.weight.device())?;
+        Ok((
+            Self {
+                weight: empty,
+                bias: self.bias,
+                layout: WeightLayout::Quantized { matmul, out_dim },
+            },
+            true,
+        ))
+    }
+
+    /// Whether the weight is quantized.
+    pub fn is_quantized(&self) -> bool {
+        matches!(self.layout, WeightLayout::Quantized { .. })
+    }
+
     /// Outputs of the layer.
     pub fn out_dim(&self) -> Result<usize> {
-        Ok(match self.layout {
+        Ok(match &self.layout {
             WeightLayout::Rows => self.weight.dim(0)?,
-            WeightLayout::Panels { out_dim } => out_dim,
+            WeightLayout::Panels { out_dim } | WeightLayout::Quantized { out_dim, .. } => *out_dim,
             WeightLayout::Transposed => self.weight.dim(1)?,
         })
     }
@@ -126,8 +201,13 @@ impl Module for Linear {
         let in_dim = dims[dims.len() - 1];
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let x = x.reshape((rows, in_dim))?;
-        let y = match self.layout {
-            WeightLayout::Panels { out_dim } => {
+        let y = match &self.layout {
+            WeightLayout::Quantized { matmul, .. } => {
+                // The quantized kernels take f32 activations and return f32.
+                let dtype = x.dtype();
+                matmul.forward(&x.to_dtype(DType::F32)?)?.to_dtype(dtype)?
+            }
+            &WeightLayout::Panels { out_dim } => {
                 // The bias is added inside the kernel.
                 let y = packed_matmul(&x, &self.weight, out_dim, self.bias.as_ref())?;
                 let mut out_dims = dims.to_vec();
