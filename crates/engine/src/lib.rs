@@ -22,6 +22,7 @@ pub use encoder::{
     Requested,
 };
 pub use error::{EngineError, Result};
+pub use layers::{QuantizeOptions, QuantizeReport, WeightQuantization};
 pub use loader::{ModelFiles, ModelSource};
 pub use tokenizer::Tokenizer;
 
@@ -36,6 +37,8 @@ pub struct LoadOptions {
     pub dtype: Option<DType>,
     /// Cache and step sizes.
     pub generator: GeneratorConfig,
+    /// In-situ quantization of a generator's linear weights; None keeps them exact.
+    pub quantize: Option<QuantizeOptions>,
 }
 
 impl Default for LoadOptions {
@@ -44,6 +47,7 @@ impl Default for LoadOptions {
             device: Device::Cpu,
             dtype: None,
             generator: GeneratorConfig::default(),
+            quantize: None,
         }
     }
 }
@@ -56,6 +60,8 @@ pub struct LoadedGenerator {
     pub tokenizer: Tokenizer,
     /// The architecture config.json named.
     pub architecture: String,
+    /// What in-situ quantization did, when it was asked for.
+    pub quantization: Option<QuantizeReport>,
 }
 
 /// An encoder with its head, ready to run batches, with its tokenizer.
@@ -73,6 +79,11 @@ pub struct LoadedEncoder {
 
 /// Resolves `source` and loads it as an encoder with the head its config.json names.
 pub fn load_encoder(source: &ModelSource, options: &LoadOptions) -> Result<LoadedEncoder> {
+    if options.quantize.is_some() {
+        return Err(EngineError::UnsupportedConfig(
+            "in-situ quantization applies to generators; encoders run in their dtype".into(),
+        ));
+    }
     let opened = OpenedModel::open(source, options)?;
     let model = registry::load_encoder(&opened.files.config, opened.weights)?;
     Ok(LoadedEncoder {
@@ -126,11 +137,25 @@ impl OpenedModel {
 /// Resolves `source`, loads its weights and tokenizer, and allocates the KV cache.
 pub fn load_generator(source: &ModelSource, options: &LoadOptions) -> Result<LoadedGenerator> {
     let opened = OpenedModel::open(source, options)?;
-    let model = registry::load_causal_lm(&opened.files.config, opened.weights)?;
+    let mut model = registry::load_causal_lm(&opened.files.config, opened.weights)?;
+    let quantization = match &options.quantize {
+        Some(quantize) => {
+            let report = model.quantize(quantize)?;
+            tracing::info!(
+                format = quantize.format.name(),
+                quantized = report.quantized,
+                kept = report.kept,
+                "quantized the linear weights"
+            );
+            Some(report)
+        }
+        None => None,
+    };
     let generator = Generator::new(model, &options.generator, &options.device, opened.dtype)?;
     Ok(LoadedGenerator {
         generator,
         tokenizer: opened.tokenizer,
         architecture: opened.architecture,
+        quantization,
     })
 }

@@ -10,6 +10,7 @@ use serde::Deserialize;
 
 use crate::routes::RouterOptions;
 use crate::state::Pooling;
+use candlewick_engine::{QuantizeOptions, WeightQuantization};
 
 /// Why the settings cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +61,14 @@ pub struct ServeArgs {
     /// f32, bf16 or f16; default f32 on CPU and bf16 on CUDA [env: CANDLEWICK_DTYPE]
     #[arg(long)]
     pub dtype: Option<String>,
+    /// Quantize a generator's linear weights at load: q8_0 or q4k; default none (exact)
+    /// [env: CANDLEWICK_QUANTIZE]
+    #[arg(long)]
+    pub quantize: Option<String>,
+    /// With --quantize, whether the output head is quantized too; default true
+    /// [env: CANDLEWICK_QUANTIZE_LM_HEAD]
+    #[arg(long)]
+    pub quantize_lm_head: Option<bool>,
     /// Address to listen on; default 127.0.0.1 [env: CANDLEWICK_HOST]
     #[arg(long)]
     pub host: Option<String>,
@@ -122,6 +131,8 @@ pub struct PartialSettings {
     pub served_model_name: Option<String>,
     pub device: Option<String>,
     pub dtype: Option<String>,
+    pub quantize: Option<String>,
+    pub quantize_lm_head: Option<bool>,
     pub max_running: Option<usize>,
     pub max_waiting: Option<usize>,
     pub max_batch_tokens: Option<usize>,
@@ -161,6 +172,8 @@ struct ModelTable {
     served_model_name: Option<String>,
     device: Option<String>,
     dtype: Option<String>,
+    quantize: Option<String>,
+    quantize_lm_head: Option<bool>,
     pooling: Option<String>,
 }
 
@@ -194,6 +207,8 @@ impl PartialSettings {
             served_model_name: model.served_model_name,
             device: model.device,
             dtype: model.dtype,
+            quantize: model.quantize,
+            quantize_lm_head: model.quantize_lm_head,
             max_running: limits.max_running,
             max_waiting: limits.max_waiting,
             max_batch_tokens: limits.max_batch_tokens,
@@ -225,6 +240,11 @@ impl PartialSettings {
             served_model_name: text("CANDLEWICK_SERVED_MODEL_NAME"),
             device: text("CANDLEWICK_DEVICE"),
             dtype: text("CANDLEWICK_DTYPE"),
+            quantize: text("CANDLEWICK_QUANTIZE"),
+            quantize_lm_head: parse_env(
+                "CANDLEWICK_QUANTIZE_LM_HEAD",
+                text("CANDLEWICK_QUANTIZE_LM_HEAD"),
+            )?,
             max_running: parse_env("CANDLEWICK_MAX_RUNNING", text("CANDLEWICK_MAX_RUNNING"))?,
             max_waiting: parse_env("CANDLEWICK_MAX_WAITING", text("CANDLEWICK_MAX_WAITING"))?,
             max_batch_tokens: parse_env(
@@ -261,6 +281,8 @@ impl PartialSettings {
             served_model_name: args.served_model_name,
             device: args.device,
             dtype: args.dtype,
+            quantize: args.quantize,
+            quantize_lm_head: args.quantize_lm_head,
             max_running: args.max_running,
             max_waiting: args.max_waiting,
             max_batch_tokens: args.max_batch_tokens,
@@ -284,6 +306,8 @@ impl PartialSettings {
             served_model_name: self.served_model_name.or(lower.served_model_name),
             device: self.device.or(lower.device),
             dtype: self.dtype.or(lower.dtype),
+            quantize: self.quantize.or(lower.quantize),
+            quantize_lm_head: self.quantize_lm_head.or(lower.quantize_lm_head),
             max_running: self.max_running.or(lower.max_running),
             max_waiting: self.max_waiting.or(lower.max_waiting),
             max_batch_tokens: self.max_batch_tokens.or(lower.max_batch_tokens),
@@ -327,6 +351,8 @@ pub struct Settings {
     pub served_model_name: Option<String>,
     pub device: String,
     pub dtype: Option<String>,
+    /// Generators: in-situ quantization of the linear weights; None keeps them exact.
+    pub quantize: Option<QuantizeOptions>,
     pub max_running: usize,
     pub max_waiting: usize,
     pub max_batch_tokens: usize,
@@ -382,6 +408,17 @@ impl Settings {
             served_model_name: partial.served_model_name,
             device: partial.device.unwrap_or_else(|| "cpu".into()),
             dtype: partial.dtype,
+            quantize: match partial.quantize.as_deref() {
+                None | Some("none") => None,
+                Some(name) => Some(QuantizeOptions {
+                    format: WeightQuantization::parse(name).ok_or_else(|| {
+                        ConfigError::InvalidLimit(format!(
+                            "quantize must be q8_0, q4k or none, got {name:?}"
+                        ))
+                    })?,
+                    lm_head: partial.quantize_lm_head.unwrap_or(true),
+                }),
+            },
             max_running: partial.max_running.unwrap_or(16),
             max_waiting: partial.max_waiting.unwrap_or(64),
             max_batch_tokens: partial.max_batch_tokens.unwrap_or(2048),
@@ -564,6 +601,8 @@ mod tests {
             "served_model_name",
             "device",
             "dtype",
+            "quantize",
+            "quantize_lm_head",
             "max_running",
             "max_waiting",
             "max_batch_tokens",

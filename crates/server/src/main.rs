@@ -6,7 +6,7 @@ use std::io::IsTerminal;
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Device};
-use candlewick_engine::ModelSource;
+use candlewick_engine::{ModelSource, QuantizeOptions, WeightQuantization};
 use clap::{Parser, Subcommand};
 
 use cli::{bench, classify, generate, serve};
@@ -47,6 +47,12 @@ pub struct ModelArgs {
     /// f32, bf16 or f16; default f32 on CPU and bf16 on CUDA.
     #[arg(long, env = "CANDLEWICK_DTYPE")]
     pub dtype: Option<String>,
+    /// Quantize a generator's linear weights at load: q8_0 or q4k; default exact.
+    #[arg(long, env = "CANDLEWICK_QUANTIZE")]
+    pub quantize: Option<String>,
+    /// With --quantize, whether the output head is quantized too.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, env = "CANDLEWICK_QUANTIZE_LM_HEAD")]
+    pub quantize_lm_head: bool,
 }
 
 impl ModelArgs {
@@ -71,6 +77,19 @@ impl ModelArgs {
                 Ok(Device::new_cuda(ordinal)?)
             }
             other => bail!("--device {other}: expected cpu, cuda or cuda:N"),
+        }
+    }
+
+    pub fn quantize(&self) -> Result<Option<QuantizeOptions>> {
+        match self.quantize.as_deref() {
+            None | Some("none") => Ok(None),
+            Some(name) => match WeightQuantization::parse(name) {
+                Some(format) => Ok(Some(QuantizeOptions {
+                    format,
+                    lm_head: self.quantize_lm_head,
+                })),
+                None => bail!("--quantize {name}: expected q8_0, q4k or none"),
+            },
         }
     }
 

@@ -89,6 +89,40 @@ fn generate_greedy_on_a_fixture_prints_its_reference_continuation() {
 }
 
 #[test]
+fn generate_quantizes_at_load_when_asked_and_refuses_unknown_formats() {
+    let fixture =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/mistral/w8-gqa2");
+    let run = |format: &str| {
+        candlewick()
+            .args(["generate", "--model", fixture.to_str().unwrap()])
+            .args([
+                "--prompt",
+                "Hello world",
+                "--temperature",
+                "0",
+                "--max-tokens",
+                "4",
+            ])
+            .args(["--quantize", format])
+            .output()
+            .unwrap()
+    };
+    let output = run("q8_0");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(String::from_utf8(output.stdout)
+        .unwrap()
+        .starts_with("Hello world"));
+    let output = run("q5");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("q8_0, q4k or none"), "{stderr}");
+}
+
+#[test]
 fn a_missing_model_folder_fails_with_a_clear_message() {
     let output = candlewick()
         .args(["generate", "--model", "./no/such/model", "--prompt", "hi"])

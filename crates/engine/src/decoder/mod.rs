@@ -9,7 +9,8 @@ use candle_core::Tensor;
 
 use crate::decoder::state::StateSpec;
 use crate::decoder::step::Step;
-use crate::error::Result;
+use crate::error::{EngineError, Result};
+use crate::layers::{QuantizeOptions, QuantizeReport};
 
 /// Which positions of a step the model computes logits for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,4 +39,12 @@ pub trait CausalLm: Send {
     /// One forward step over `step`'s batch: reads the state through `step`, hands each layer's
     /// new state back to it, and returns f32 logits. The model writes no state itself.
     fn forward(&self, step: &Step, logits: LogitsMode) -> Result<Tensor>;
+    /// Quantizes the model's linear weights in place (in-situ quantization at load). Models
+    /// that do not implement it refuse.
+    fn quantize(&mut self, options: &QuantizeOptions) -> Result<QuantizeReport> {
+        let _ = options;
+        Err(EngineError::UnsupportedConfig(
+            "in-situ quantization is not implemented for this architecture".into(),
+        ))
+    }
 }

@@ -64,6 +64,12 @@ impl WeightQuantization {
         }
     }
 
+    /// Bytes one weight takes in this format (a block's bytes over its weights).
+    pub fn bytes_per_weight(self) -> f64 {
+        let dtype = self.ggml();
+        dtype.type_size() as f64 / dtype.block_size() as f64
+    }
+
     /// Whether a weight whose rows are `in_dim` long splits into whole blocks.
     pub fn fits(self, in_dim: usize) -> bool {
         in_dim.is_multiple_of(self.ggml().block_size())
@@ -100,7 +106,10 @@ impl Linear {
     /// along the output dimension once at load, so that each step runs one matmul instead of
     /// several. Fuse before [`Linear::into_batched_layout`].
     pub fn fused(parts: &[Linear]) -> Result<Self> {
-        if parts.iter().any(|p| !matches!(p.layout, WeightLayout::Rows)) {
+        if parts
+            .iter()
+            .any(|p| !matches!(p.layout, WeightLayout::Rows))
+        {
             return Err(candle_core::Error::Msg(
                 "layers are fused before they change layout".into(),
             )
@@ -190,6 +199,46 @@ impl Linear {
             WeightLayout::Panels { out_dim } | WeightLayout::Quantized { out_dim, .. } => *out_dim,
             WeightLayout::Transposed => self.weight.dim(1)?,
         })
+    }
+}
+
+/// In-situ quantization of a decoder at load: the format, and whether the output head is
+/// quantized too (it is the largest matmul of a small model and the most sensitive one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuantizeOptions {
+    /// The format of the linear weights.
+    pub format: WeightQuantization,
+    /// Whether the output head (`lm_head`, or the tied embeddings as a head) is quantized.
+    pub lm_head: bool,
+}
+
+/// What in-situ quantization did to a model's linear layers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QuantizeReport {
+    /// Layers whose weights are now quantized.
+    pub quantized: usize,
+    /// Layers left in the model's dtype: their rows do not split into whole blocks, or they
+    /// were asked to stay (the head).
+    pub kept: usize,
+}
+
+/// A part of a model that holds linear layers, quantized in place after load. Routers,
+/// embeddings and norms stay in the model's dtype.
+pub trait Quantize {
+    /// Quantizes every linear weight of `self` to `format`, counting them in `report`.
+    fn quantize(&mut self, format: WeightQuantization, report: &mut QuantizeReport) -> Result<()>;
+}
+
+impl Quantize for Linear {
+    fn quantize(&mut self, format: WeightQuantization, report: &mut QuantizeReport) -> Result<()> {
+        let (layer, quantized) = self.clone().quantized(format)?;
+        *self = layer;
+        if quantized {
+            report.quantized += 1;
+        } else {
+            report.kept += 1;
+        }
+        Ok(())
     }
 }
 
@@ -303,4 +352,49 @@ fn skinny_matmul(x: &Tensor, weight: &Tensor) -> candle_core::Result<Tensor> {
         cpu_matmul::matmul_transposed(&x_all[x_start..x_end], rows, &w_all[w_start..w_end], n, k)
     };
     Tensor::from_vec(y, (rows, n), x.device())
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::Device;
+
+    use super::*;
+
+    /// The largest |a - b| relative to the largest |a|.
+    fn relative_error(a: &Tensor, b: &Tensor) -> f32 {
+        let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+        let scale = a.abs().unwrap().max_all().unwrap();
+        diff.to_scalar::<f32>().unwrap() / scale.to_scalar::<f32>().unwrap()
+    }
+
+    #[test]
+    fn quantized_layers_stay_close_to_f32_and_refuse_partial_blocks() {
+        let device = Device::Cpu;
+        let weight = Tensor::randn(0f32, 1., (96, 256), &device).unwrap();
+        let bias = Tensor::randn(0f32, 1., 96, &device).unwrap();
+        let x = Tensor::randn(0f32, 1., (2, 5, 256), &device).unwrap();
+        let exact = Linear::new(weight.clone(), Some(bias.clone()));
+        let expected = exact.forward(&x).unwrap();
+        // Measured: 0.6% for q8_0, 6% for q4k (both sides are quantized: the activations to
+        // 8-bit blocks too).
+        for (format, bound) in [
+            (WeightQuantization::Q8_0, 0.02),
+            (WeightQuantization::Q4K, 0.15),
+        ] {
+            let (layer, quantized) = exact.clone().quantized(format).unwrap();
+            assert!(quantized && layer.is_quantized());
+            assert_eq!(layer.out_dim().unwrap(), 96);
+            let error = relative_error(&expected, &layer.forward(&x).unwrap());
+            eprintln!("{format:?}: relative error {error:.4}");
+            assert!(error > 0.0 && error < bound, "{format:?}: {error}");
+        }
+        let narrow = Linear::new(weight.narrow(1, 0, 96).unwrap(), None);
+        let (layer, quantized) = narrow.quantized(WeightQuantization::Q4K).unwrap();
+        assert!(!quantized && !layer.is_quantized());
+        assert_eq!(
+            WeightQuantization::parse("q4k"),
+            Some(WeightQuantization::Q4K)
+        );
+        assert_eq!(WeightQuantization::parse("q8"), None);
+    }
 }

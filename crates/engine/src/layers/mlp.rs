@@ -4,7 +4,7 @@ use candle_core::{Module, Tensor, D};
 use candle_nn::{Activation, VarBuilder};
 
 use crate::error::Result;
-use crate::layers::Linear;
+use crate::layers::{Linear, Quantize, QuantizeReport, WeightQuantization};
 
 /// `down(act(gate(x)) * up(x))`, with gate and up fused into one projection at load.
 #[derive(Debug, Clone)]
@@ -61,5 +61,12 @@ impl Module for GatedMlp {
         let up = gate_up.narrow(D::Minus1, self.intermediate_size, self.intermediate_size)?;
         let hidden = (self.activation.forward(&gate)? * up)?;
         self.down.forward(&hidden)
+    }
+}
+
+impl Quantize for GatedMlp {
+    fn quantize(&mut self, format: WeightQuantization, report: &mut QuantizeReport) -> Result<()> {
+        self.gate_up.quantize(format, report)?;
+        self.down.quantize(format, report)
     }
 }

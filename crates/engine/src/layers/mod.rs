@@ -9,7 +9,7 @@ mod norms;
 mod rotary;
 
 pub use activations::HiddenAct;
-pub use linear::Linear;
+pub use linear::{Linear, Quantize, QuantizeOptions, QuantizeReport, WeightQuantization};
 pub use mlp::GatedMlp;
 pub use moe::SparseMoe;
 pub use norms::{Norm, NormKind, RmsNorm};

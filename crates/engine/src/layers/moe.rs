@@ -5,7 +5,7 @@ use candle_core::{DType, Module, Tensor};
 use candle_nn::{Activation, VarBuilder};
 
 use crate::error::Result;
-use crate::layers::{GatedMlp, Linear};
+use crate::layers::{GatedMlp, Linear, Quantize, QuantizeReport, WeightQuantization};
 
 /// The tokens one expert processes, with the weight of its output for each.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -144,6 +144,17 @@ impl SparseMoe {
             });
         }
         Ok(sum.expect("a mixture has at least one expert"))
+    }
+}
+
+/// The experts are quantized; the router stays in the model's dtype (it is small, and its
+/// choices decide which experts run at all).
+impl Quantize for SparseMoe {
+    fn quantize(&mut self, format: WeightQuantization, report: &mut QuantizeReport) -> Result<()> {
+        for expert in &mut self.experts {
+            expert.quantize(format, report)?;
+        }
+        Ok(())
     }
 }
 

@@ -15,7 +15,10 @@ use crate::encoder::{
 };
 use crate::error::{EngineError, Result};
 use crate::layers::SparseMoe;
-use crate::layers::{GatedMlp, Linear, RmsNorm, RotaryEmbedding, RotaryTables};
+use crate::layers::{
+    GatedMlp, Linear, Quantize, QuantizeOptions, QuantizeReport, RmsNorm, RotaryEmbedding,
+    RotaryTables, WeightQuantization,
+};
 use crate::models::refuse_if_set;
 
 fn default_kv_heads() -> usize {
@@ -196,6 +199,13 @@ impl MistralAttention {
     }
 }
 
+impl Quantize for MistralAttention {
+    fn quantize(&mut self, format: WeightQuantization, report: &mut QuantizeReport) -> Result<()> {
+        self.qkv_proj.quantize(format, report)?;
+        self.o_proj.quantize(format, report)
+    }
+}
+
 /// The feed-forward block of a decoder layer: Mistral's dense MLP or Mixtral's sparse mixture of
 /// experts.
 #[derive(Debug, Clone)]
@@ -209,6 +219,15 @@ impl FeedForward {
         match self {
             Self::Dense(mlp) => Ok(mlp.forward(x)?),
             Self::Sparse(moe) => moe.forward(x),
+        }
+    }
+}
+
+impl Quantize for FeedForward {
+    fn quantize(&mut self, format: WeightQuantization, report: &mut QuantizeReport) -> Result<()> {
+        match self {
+            Self::Dense(mlp) => mlp.quantize(format, report),
+            Self::Sparse(moe) => moe.quantize(format, report),
         }
     }
 }
@@ -363,6 +382,16 @@ impl MistralModel {
     }
 }
 
+impl Quantize for MistralModel {
+    fn quantize(&mut self, format: WeightQuantization, report: &mut QuantizeReport) -> Result<()> {
+        for layer in &mut self.layers {
+            layer.self_attn.quantize(format, report)?;
+            layer.feed_forward.quantize(format, report)?;
+        }
+        Ok(())
+    }
+}
+
 /// `MistralForCausalLM` (and `MixtralForCausalLM`).
 #[derive(Debug, Clone)]
 pub struct MistralForCausalLM {
@@ -414,6 +443,17 @@ impl CausalLm for MistralForCausalLM {
     fn forward(&self, step: &Step, logits: LogitsMode) -> Result<Tensor> {
         let hidden = self.model.forward(step, logits)?;
         Ok(self.lm_head.forward(&hidden)?.to_dtype(DType::F32)?)
+    }
+
+    fn quantize(&mut self, options: &QuantizeOptions) -> Result<QuantizeReport> {
+        let mut report = QuantizeReport::default();
+        self.model.quantize(options.format, &mut report)?;
+        if options.lm_head {
+            self.lm_head.quantize(options.format, &mut report)?;
+        } else {
+            report.kept += 1;
+        }
+        Ok(report)
     }
 }
 

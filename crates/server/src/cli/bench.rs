@@ -36,6 +36,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let options = LoadOptions {
         device: args.model.device()?,
         dtype: args.model.dtype()?,
+        quantize: args.model.quantize()?,
         generator: GeneratorConfig {
             max_sequences: max_batch,
             max_context: Some(args.prompt_len + args.new_tokens + 1),
@@ -116,6 +117,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "threads": threads(),
         "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens,
+        "quantize": options.quantize.map(|q| q.format.name()),
         "decode_weight_bytes": weight_bytes,
         "memory_read_gb_per_s": bandwidth / 1e9,
         "results": results,
@@ -187,10 +189,26 @@ fn decode_weight_bytes(source: &ModelSource, options: &LoadOptions) -> Result<us
     let dtype = options
         .dtype
         .unwrap_or_else(|| candlewick_engine::models::default_dtype(&options.device));
+    // With in-situ quantization, the linear weights (every matrix but the embeddings, and the
+    // tied embeddings as the head when the head is quantized) are read in their blocks.
+    let quantized_bytes = |name: &str, shape: &[usize]| -> Option<f64> {
+        let quantize = options.quantize?;
+        let matrix = shape.len() == 2 && quantize.format.fits(shape[1]);
+        let head =
+            name == "lm_head.weight" || (!has_own_head && name.ends_with("embed_tokens.weight"));
+        let linear = matrix && !name.ends_with("embed_tokens.weight") && !name.contains(".gate.");
+        ((head && quantize.lm_head && matrix) || (linear && !head))
+            .then(|| shape.iter().product::<usize>() as f64 * quantize.format.bytes_per_weight())
+    };
     Ok(inventory
         .iter()
         .filter(|(name, _, _)| !(has_own_head && name.ends_with("embed_tokens.weight")))
-        .map(|(_, shape, _)| shape.iter().product::<usize>() * dtype.size_in_bytes())
+        .map(|(name, shape, _)| {
+            quantized_bytes(name, shape).map_or_else(
+                || shape.iter().product::<usize>() * dtype.size_in_bytes(),
+                |bytes| bytes as usize,
+            )
+        })
         .sum())
 }
 

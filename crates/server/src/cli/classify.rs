@@ -31,6 +31,7 @@ pub fn run(args: ClassifyArgs) -> Result<()> {
     let options = LoadOptions {
         device: args.model.device()?,
         dtype: args.model.dtype()?,
+        quantize: args.model.quantize()?,
         ..LoadOptions::default()
     };
     let loaded = load_encoder(&args.model.source()?, &options)?;

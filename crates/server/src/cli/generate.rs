@@ -77,6 +77,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let options = LoadOptions {
         device: args.model.device()?,
         dtype: args.model.dtype()?,
+        quantize: args.model.quantize()?,
         generator: GeneratorConfig {
             max_sequences: 1,
             ..GeneratorConfig::default()

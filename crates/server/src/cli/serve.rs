@@ -27,6 +27,8 @@ pub fn run(args: ServeArgs) -> Result<()> {
         model: settings.model.clone(),
         device: settings.device.clone(),
         dtype: settings.dtype.clone(),
+        quantize: None,
+        quantize_lm_head: true,
     };
     let source = model.source()?;
     let device = model.device()?;
@@ -95,6 +97,7 @@ fn load_generator_state(
             max_sequences: settings.max_running,
             ..GeneratorConfig::default()
         },
+        quantize: settings.quantize,
     };
     let loaded = load_generator(source, &options)
         .with_context(|| format!("loading {}", source.display_name()))?;
@@ -130,6 +133,7 @@ fn load_encoder_state(
     let options = LoadOptions {
         device,
         dtype,
+        quantize: settings.quantize,
         ..LoadOptions::default()
     };
     let loaded = load_encoder(source, &options)
