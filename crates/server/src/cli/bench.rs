@@ -110,6 +110,22 @@ pub fn run(args: BenchArgs) -> Result<()> {
         }));
     }
 
+    // What quantization costs: the quantized model's logits against the exact model's along the
+    // exact model's greedy continuation of one prompt.
+    let quality = match options.quantize {
+        Some(_) => {
+            let prompt: Vec<u32> = (0..args.prompt_len).map(|_| next_id()).collect();
+            let (largest, agreement) =
+                quantization_cost(&source, &options, generator, &prompt, args.new_tokens)?;
+            Some(json!({
+                "max_logit_difference": largest,
+                "greedy_agreement": agreement,
+                "steps": args.new_tokens,
+            }))
+        }
+        None => None,
+    };
+
     let bandwidth = memory_read_bandwidth();
     let report = json!({
         "model": source.display_name(),
@@ -121,6 +137,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "decode_weight_bytes": weight_bytes,
         "memory_read_gb_per_s": bandwidth / 1e9,
         "results": results,
+        "quantization_cost": quality,
     });
     if args.json {
         println!("{report}");
@@ -153,8 +170,54 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 r["decode_step_ms"].as_f64().unwrap_or(0.)
             );
         }
+        if let Some(quality) = &report["quantization_cost"].as_object() {
+            println!(
+                "against f32 over {} greedy steps: max |logit difference| {:.4}, greedy agreement {:.3}",
+                quality["steps"], quality["max_logit_difference"], quality["greedy_agreement"]
+            );
+        }
     }
     Ok(())
+}
+
+/// The largest |logit - exact logit| and the share of equal greedy choices of `quantized`
+/// against the exact model (loaded here), both reading the exact model's greedy continuation
+/// of `prompt` for `steps` steps.
+fn quantization_cost(
+    source: &ModelSource,
+    options: &LoadOptions,
+    quantized: &mut candlewick_engine::Generator,
+    prompt: &[u32],
+    steps: usize,
+) -> Result<(f32, f64)> {
+    let exact_options = LoadOptions {
+        quantize: None,
+        generator: GeneratorConfig {
+            max_sequences: 1,
+            ..options.generator.clone()
+        },
+        ..options.clone()
+    };
+    let mut exact = load_generator(source, &exact_options)?.generator;
+    let (exact_slot, quantized_slot) = (exact.allocate()?, quantized.allocate()?);
+    let row = |slot| StepRow {
+        slot,
+        tokens: prompt,
+    };
+    let mut expected = exact.prefill(&[row(exact_slot)])?.remove(0);
+    let mut actual = quantized.prefill(&[row(quantized_slot)])?.remove(0);
+    let (mut largest, mut agree) = (0f32, 0usize);
+    for _ in 0..steps {
+        for (e, a) in expected.iter().zip(&actual) {
+            largest = largest.max((e - a).abs());
+        }
+        let token = argmax(&expected);
+        agree += usize::from(argmax(&actual) == token);
+        expected = exact.decode(&[(exact_slot, token)])?.remove(0);
+        actual = quantized.decode(&[(quantized_slot, token)])?.remove(0);
+    }
+    quantized.release(quantized_slot);
+    Ok((largest, agree as f64 / steps.max(1) as f64))
 }
 
 fn argmax(logits: &[f32]) -> u32 {

@@ -1,0 +1,224 @@
+#!/usr/bin/env python3
+"""Generation speed of Candlewick beside the engines a CPU user would pick instead, in one run, on
+the same checkpoint, prompt ids and thread count: transformers (f32, eager), CTranslate2 (float32
+and int8), and Candlewick (f32, q8_0, q4k). Prints one table with each figure's ratio to
+transformers and the CPU model; an engine that cannot run is listed with the reason.
+
+Like for like: the ~100M Mistral of compare_transformers.py (random weights, the real Mistral
+tokenizer), prompts of random ids from a fixed seed, 128 prompt tokens + 64 new ones (inside the
+sliding window, where no engine's window handling matters), greedy. Before timing, each peer's f32
+greedy tokens are checked against transformers' on the same prompt.
+
+Requires: pip install torch transformers==4.37.2 sentencepiece protobuf ctranslate2
+Usage: python tests/bench/peers.py [--threads 2] [--batch-sizes 1,16]
+(build first: cargo build --release)
+"""
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compare_transformers import make_model  # noqa: E402
+
+VOCAB = 32000
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
+def cpu_flags() -> str:
+    flags = set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    shown = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in flags]
+    return " ".join(shown) or "no AVX2"
+
+
+def prompts(batch: int, length: int, seed: int = 0) -> list[list[int]]:
+    """Random prompt ids (3..VOCAB), the same for every engine."""
+    state = 0x9E3779B97F4A7C15 ^ seed
+    rows = []
+    for _ in range(batch):
+        row = []
+        for _ in range(length):
+            state ^= (state << 13) & 0xFFFFFFFFFFFFFFFF
+            state ^= state >> 7
+            state ^= (state << 17) & 0xFFFFFFFFFFFFFFFF
+            row.append(3 + state % (VOCAB - 3))
+        rows.append(row)
+    return rows
+
+
+def timed(run, *args):
+    start = time.perf_counter()
+    result = run(*args)
+    return time.perf_counter() - start, result
+
+
+class Transformers:
+    name = "transformers f32"
+
+    def __init__(self, path: Path, threads: int):
+        import torch
+        from transformers import MistralForCausalLM
+
+        torch.set_num_threads(threads)
+        self.torch = torch
+        self.model = MistralForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
+
+    def generate(self, rows, new_tokens):
+        ids = self.torch.tensor(rows)
+        with self.torch.no_grad():
+            out = self.model.generate(ids, attention_mask=self.torch.ones_like(ids), max_new_tokens=new_tokens,
+                                      min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        return out[:, ids.shape[1]:].tolist()
+
+
+class CTranslate2:
+    def __init__(self, path: Path, threads: int, compute_type: str):
+        import ctranslate2
+        import torch
+        from ctranslate2.converters import TransformersConverter
+        from transformers import AutoTokenizer
+
+        class Converter(TransformersConverter):
+            # The converter passes `dtype=` (transformers 4.37 takes `torch_dtype=`) and reads
+            # `config.head_dim`, which 4.37's MistralConfig does not have.
+            def load_model(self, model_class, model_name_or_path, **kwargs):
+                if "dtype" in kwargs:
+                    kwargs["torch_dtype"] = kwargs.pop("dtype")
+                model = super().load_model(model_class, model_name_or_path, **kwargs)
+                config = model.config
+                config.head_dim = config.hidden_size // config.num_attention_heads
+                return model
+
+        out = ROOT / ".bench" / "ct2-mistral-100m"
+        if not (out / "model.bin").exists():
+            with torch.no_grad():
+                Converter(str(path)).convert(str(out), force=True)
+        self.name = f"CTranslate2 {compute_type.split('_')[0]}"
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.generator = ctranslate2.Generator(str(out), device="cpu", compute_type=compute_type,
+                                               intra_threads=threads)
+
+    def generate(self, rows, new_tokens):
+        tokens = [self.tokenizer.convert_ids_to_tokens(row) for row in rows]
+        results = self.generator.generate_batch(tokens, max_length=new_tokens, min_length=new_tokens,
+                                                sampling_topk=1, include_prompt_in_result=False)
+        return [result.sequences_ids[0] for result in results]
+
+
+def measure(engine, batch_sizes, prompt_len, new_tokens):
+    """Prefill tok/s (a one-token generation) and decode tok/s (the rest), per batch size."""
+    figures = {}
+    engine.generate(prompts(1, 8, seed=99), 2)  # warm-up
+    for batch in batch_sizes:
+        rows = prompts(batch, prompt_len)
+        prefill, _ = timed(engine.generate, rows, 1)
+        total, _ = timed(engine.generate, rows, new_tokens + 1)
+        decode = max(total - prefill, 1e-9)
+        figures[batch] = (batch * prompt_len / prefill, batch * new_tokens / decode)
+    return figures
+
+
+def candlewick(path: Path, batch_sizes, prompt_len, new_tokens, threads, quantize):
+    binary = ROOT / "target" / "release" / "candlewick"
+    if not binary.exists():
+        raise RuntimeError(f"{binary} not found: run `cargo build --release` first")
+    env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
+    env.pop("CANDLEWICK_GENERIC_KERNELS", None)
+    command = [str(binary), "bench", "--model", str(path), "--batch-sizes", ",".join(map(str, batch_sizes)),
+               "--prompt-len", str(prompt_len), "--new-tokens", str(new_tokens), "--json"]
+    if quantize:
+        command += ["--quantize", quantize]
+    report = json.loads(subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout)
+    figures = {r["batch"]: (r["prefill_tokens_per_s"], r["decode_tokens_per_s"]) for r in report["results"]}
+    return figures, report
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--batch-sizes", default="1,16")
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--model-dir", type=Path, default=ROOT / ".bench" / "mistral-100m")
+    parser.add_argument("--sp-model", type=Path, default=Path(os.environ.get(
+        "MISTRAL_SP_MODEL", ROOT.parent / "shared" / "tokenizers" / "mistral_tokenizer.model")))
+    args = parser.parse_args()
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    os.environ.setdefault("MKL_NUM_THREADS", str(args.threads))
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    make_model(args.model_dir, args.sp_model)
+
+    rows, skipped, checks = {}, {}, {}
+    reference = Transformers(args.model_dir, args.threads)
+    check_prompt = prompts(1, args.prompt_len, seed=7)
+    expected = reference.generate(check_prompt, 16)[0]
+    rows[reference.name] = measure(reference, batch_sizes, args.prompt_len, args.new_tokens)
+
+    for compute_type in ("float32", "int8_float32"):
+        try:
+            engine = CTranslate2(args.model_dir, args.threads, compute_type)
+        except Exception as error:  # the reason is printed, never dropped
+            skipped[f"CTranslate2 {compute_type}"] = f"{type(error).__name__}: {error}"
+            continue
+        if compute_type == "float32":
+            got = engine.generate(check_prompt, 16)[0]
+            checks[engine.name] = "greedy = transformers" if got == expected else f"greedy differs: {got} vs {expected}"
+        rows[engine.name] = measure(engine, batch_sizes, args.prompt_len, args.new_tokens)
+
+    costs = {}
+    for quantize in (None, "q8_0", "q4k"):
+        name = f"Candlewick {quantize or 'f32'}"
+        try:
+            figures, report = candlewick(args.model_dir, batch_sizes, args.prompt_len, args.new_tokens,
+                                         args.threads, quantize)
+        except Exception as error:
+            skipped[name] = f"{type(error).__name__}: {error}"
+            continue
+        rows[name] = figures
+        if report.get("quantization_cost"):
+            cost = report["quantization_cost"]
+            costs[name] = (f"max |logit - f32| {cost['max_logit_difference']:.3f}, greedy agreement "
+                           f"{cost['greedy_agreement']:.3f} over {cost['steps']} steps")
+        if quantize is None:
+            floor = report["memory_read_gb_per_s"] * 1e9 / report["decode_weight_bytes"]
+
+    print(f"CPU: {cpu_model()} ({cpu_flags()}); {args.threads} threads; Mistral ~100M f32 checkpoint; "
+          f"prompt {args.prompt_len} + {args.new_tokens} new tokens, greedy")
+    base = rows[reference.name]
+    header = " | ".join(f"prefill b{b:<3} x    decode b{b:<3} x  " for b in batch_sizes)
+    print(f"{'engine':<22} | {header}")
+    for name, figures in rows.items():
+        cells = []
+        for b in batch_sizes:
+            prefill, decode = figures[b]
+            cells.append(f"{prefill:>9.1f} {prefill / base[b][0]:>4.2f} {decode:>9.1f} {decode / base[b][1]:>4.2f}")
+        print(f"{name:<22} | " + " | ".join(cells))
+    if "Candlewick f32" in rows:
+        print(f"\nbatch-1 decode floor (weights / read bandwidth): {floor:.1f} tok/s; Candlewick f32 at "
+              f"{rows['Candlewick f32'][batch_sizes[0]][1] / floor:.2f} of it")
+    for name, check in checks.items():
+        print(f"{name}: {check} over 16 tokens")
+    for name, cost in costs.items():
+        print(f"{name}: {cost}")
+    for name, reason in skipped.items():
+        print(f"not run: {name}: {reason}")
+
+
+if __name__ == "__main__":
+    main()
