@@ -206,6 +206,66 @@ fn logits_match_when_prompts_are_fed_in_chunks_through_the_ring() {
     }
 }
 
+/// Every position's logits of `prompts` run through `generator` in steps of `chunk` tokens.
+fn logits_in_chunks(
+    generator: &mut candlewick_engine::Generator,
+    prompts: &[Vec<u32>],
+    chunk: usize,
+) -> Vec<Vec<Vec<f32>>> {
+    let slots: Vec<usize> = prompts
+        .iter()
+        .map(|_| generator.allocate().unwrap())
+        .collect();
+    let mut actual: Vec<Vec<Vec<f32>>> = vec![vec![]; prompts.len()];
+    let mut offset = 0;
+    while prompts.iter().any(|p| offset < p.len()) {
+        let rows: Vec<StepRow> = prompts
+            .iter()
+            .zip(&slots)
+            .map(|(p, &slot)| StepRow {
+                slot,
+                tokens: &p[offset..(offset + chunk).min(p.len())],
+            })
+            .collect();
+        let logits = generator.step(&rows, LogitsMode::All).unwrap();
+        let seq = logits.dim(1).unwrap();
+        for (b, row) in rows.iter().enumerate() {
+            let all: Vec<Vec<f32>> = logits.get(b).unwrap().to_vec2().unwrap();
+            actual[b].extend_from_slice(&all[seq - row.tokens.len()..]);
+        }
+        offset += chunk;
+    }
+    for slot in slots {
+        generator.release(slot);
+    }
+    actual
+}
+
+/// Prefill-sized products (more rows than a decode step) run through another matmul than decode
+/// steps do: a long batch prefilled at once gives the logits of the same tokens fed one at a
+/// time, at every position.
+#[test]
+fn a_long_batch_prefilled_at_once_matches_it_fed_token_by_token() {
+    for fixture in ["mistral/nowin-gqa4", "mixtral/e8-nowin-gqa4"] {
+        // 3 x 60 = 180 rows in each projection of the one-step prefill.
+        let prompts: Vec<Vec<u32>> = (0..3u32)
+            .map(|r| (0..60).map(|t| 3 + (r * 331 + t * 17) % 1000).collect())
+            .collect();
+        let LoadedGenerator { mut generator, .. } = load(fixture, prompts.len(), 512);
+        let at_once = logits_in_chunks(&mut generator, &prompts, 60);
+        let one_by_one = logits_in_chunks(&mut generator, &prompts, 1);
+        let mut largest = 0f32;
+        for (a, b) in at_once.iter().flatten().zip(one_by_one.iter().flatten()) {
+            for (x, y) in a.iter().zip(b) {
+                largest = largest.max((x - y).abs());
+            }
+        }
+        eprintln!("{fixture}: prefill vs token by token, largest |difference| {largest:.2e}");
+        assert!(largest <= LOGITS_TOLERANCE, "{fixture}: {largest}");
+        assert_eq!(at_once.iter().flatten().count(), 180);
+    }
+}
+
 fn argmax(logits: &[f32]) -> u32 {
     let mut best = 0;
     for (i, &v) in logits.iter().enumerate() {

@@ -265,12 +265,26 @@ impl Module for Linear {
             }
             WeightLayout::Transposed => x.matmul(&self.weight)?,
             WeightLayout::Rows => {
-                if rows <= cpu_matmul::MAX_ROWS
-                    && x.device().is_cpu()
+                let on_cpu_f32 = x.device().is_cpu()
                     && x.dtype() == DType::F32
-                    && !crate::kernels::generic_only()
-                {
+                    && !crate::kernels::generic_only();
+                if on_cpu_f32 && rows <= cpu_matmul::MAX_ROWS {
                     skinny_matmul(&x, &self.weight)?
+                } else if on_cpu_f32 && cpu_gemm::available() {
+                    // A prefill-sized product: the weight's panels are packed for this call
+                    // (what a BLAS does inside its GEMM), then the AVX-512 or AVX2 GEMM runs.
+                    let (out_dim, in_dim) = self.weight.dims2()?;
+                    let weight = self.weight.contiguous()?;
+                    let packed = {
+                        let (storage, layout) = weight.storage_and_layout();
+                        cpu_gemm::pack(cpu_f32(&storage, layout)?, out_dim, in_dim)
+                    };
+                    let len = packed.len();
+                    let packed = Tensor::from_vec(packed, len, x.device())?;
+                    let y = packed_matmul(&x, &packed, out_dim, self.bias.as_ref())?;
+                    let mut out_dims = dims.to_vec();
+                    out_dims[dims.len() - 1] = out_dim;
+                    return y.reshape(out_dims);
                 } else {
                     x.matmul(&self.weight.t()?)?
                 }

@@ -97,13 +97,20 @@ pub fn pack(w: &[f32], n: usize, k: usize) -> Vec<f32> {
     assert_eq!(w.len(), n * k);
     let columns = panel_columns();
     let mut packed = vec![0f32; packed_len(n, k)];
-    for (column, row) in w.chunks_exact(k).enumerate() {
-        let (panel, lane) = (column / columns, column % columns);
-        let base = panel * k * columns + lane;
-        for (p, &value) in row.iter().enumerate() {
-            packed[base + p * columns] = value;
-        }
-    }
+    // Panels are independent: pack them in parallel (decoders pack per prefill call, where
+    // this pass is what the packing costs).
+    packed
+        .par_chunks_mut(k * columns)
+        .enumerate()
+        .for_each(|(panel, out)| {
+            let first = panel * columns;
+            let rows = &w[first * k..((first + columns).min(n)) * k];
+            for (lane, row) in rows.chunks_exact(k).enumerate() {
+                for (p, &value) in row.iter().enumerate() {
+                    out[p * columns + lane] = value;
+                }
+            }
+        });
     packed
 }
 
