@@ -65,6 +65,7 @@ fn load(name: &str, max_sequences: usize, prefill_chunk: usize) -> LoadedGenerat
             max_sequences,
             max_context: None,
             prefill_chunk,
+            prefix_cache_bytes: 0,
         },
         ..LoadOptions::default()
     };

@@ -554,6 +554,7 @@ fn check_causal_lm(dir: &Path) -> Result<Report, String> {
             max_sequences: 4,
             max_context: None,
             prefill_chunk: 512,
+            prefix_cache_bytes: 0,
         },
         ..LoadOptions::default()
     };

@@ -2,6 +2,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
+use crate::decoder::prefix_cache::{PrefixCache, PrefixCacheStats};
 use crate::decoder::state::SequenceState;
 use crate::decoder::step::{Step, StepBatch, StepRow};
 use crate::decoder::{CausalLm, LogitsMode};
@@ -19,6 +20,9 @@ pub struct GeneratorConfig {
     /// of at most this many tokens (and at most what the model's attention pattern spans and
     /// what it accepts per cached step), so that the per-step attention scores stay small.
     pub prefill_chunk: usize,
+    /// Bytes of prefilled prompts' state kept for later prompts that start the same way
+    /// ([`PrefixCache`]); 0 turns prefix caching off.
+    pub prefix_cache_bytes: usize,
 }
 
 impl Default for GeneratorConfig {
@@ -27,6 +31,7 @@ impl Default for GeneratorConfig {
             max_sequences: 16,
             max_context: None,
             prefill_chunk: 512,
+            prefix_cache_bytes: 0,
         }
     }
 }
@@ -36,6 +41,7 @@ pub struct Generator {
     model: Box<dyn CausalLm>,
     state: SequenceState,
     prefill_chunk: usize,
+    prefix_cache: Option<PrefixCache>,
     device: Device,
 }
 
@@ -71,6 +77,8 @@ impl Generator {
             model,
             state,
             prefill_chunk,
+            prefix_cache: (config.prefix_cache_bytes > 0)
+                .then(|| PrefixCache::new(config.prefix_cache_bytes)),
             device: device.clone(),
         })
     }
@@ -105,6 +113,45 @@ impl Generator {
     /// Size of the model's output vocabulary.
     pub fn vocab_size(&self) -> usize {
         self.model.vocab_size()
+    }
+
+    /// What the prefix cache has done and holds; None when prefix caching is off.
+    pub fn prefix_cache_stats(&self) -> Option<PrefixCacheStats> {
+        self.prefix_cache.as_ref().map(PrefixCache::stats)
+    }
+
+    /// Starts the freshly allocated sequence in `slot` from the longest cached prefix of
+    /// `prompt`: returns how many of its positions were restored (at most `prompt.len() - 1`;
+    /// 0 without a hit, or with prefix caching off). The caller prefills the rest.
+    pub fn restore_prefix(&mut self, slot: usize, prompt: &[u32]) -> Result<usize> {
+        let Some(cache) = self.prefix_cache.as_mut() else {
+            return Ok(0);
+        };
+        if self.state.len(slot)? != 0 {
+            return Ok(0);
+        }
+        match cache.lookup(prompt) {
+            Some((snapshot, len)) => {
+                self.state.restore(slot, snapshot, len)?;
+                Ok(len)
+            }
+            None => Ok(0),
+        }
+    }
+
+    /// Keeps the state of the sequence in `slot`, which has processed exactly `prompt`, for
+    /// later prompts that start the same way. A no-op with prefix caching off, or when the
+    /// cache already serves `prompt`.
+    pub fn remember_prefix(&mut self, slot: usize, prompt: &[u32]) -> Result<()> {
+        let Some(cache) = self.prefix_cache.as_mut() else {
+            return Ok(());
+        };
+        if self.state.len(slot)? != prompt.len() || !cache.wants(prompt) {
+            return Ok(());
+        }
+        let snapshot = self.state.snapshot(slot)?;
+        cache.insert(prompt.to_vec(), snapshot);
+        Ok(())
     }
 
     /// Takes a free slot for a new sequence, its recurrent state zeroed.
@@ -162,7 +209,19 @@ impl Generator {
             }
         }
         let mut last_logits = vec![Vec::new(); rows.len()];
-        let mut offsets = vec![0; rows.len()];
+        // New sequences start from the longest cached prefix of their prompt.
+        let fresh: Vec<bool> = rows
+            .iter()
+            .map(|row| Ok(self.state.len(row.slot)? == 0))
+            .collect::<Result<_>>()?;
+        let mut offsets = Vec::with_capacity(rows.len());
+        for (row, &fresh) in rows.iter().zip(&fresh) {
+            offsets.push(if fresh {
+                self.restore_prefix(row.slot, row.tokens)?
+            } else {
+                0
+            });
+        }
         loop {
             let mut chunk_rows = Vec::new();
             let mut chunk_index = Vec::new();
@@ -184,6 +243,9 @@ impl Generator {
             for (index, row_logits) in chunk_index.into_iter().zip(logits) {
                 last_logits[index] = row_logits;
             }
+        }
+        for (row, _) in rows.iter().zip(&fresh).filter(|(_, &fresh)| fresh) {
+            self.remember_prefix(row.slot, row.tokens)?;
         }
         Ok(last_logits)
     }
@@ -289,6 +351,47 @@ mod tests {
 
     fn toy_generator(model: ToyRecurrent) -> Generator {
         make_generator(Box::new(model))
+    }
+
+    #[test]
+    fn a_recurrent_state_is_reused_only_from_the_whole_cached_prompt() {
+        let config = GeneratorConfig {
+            max_sequences: 2,
+            prefix_cache_bytes: 1 << 20,
+            ..GeneratorConfig::default()
+        };
+        let mut cached = Generator::new(
+            Box::new(ToyRecurrent::new()),
+            &config,
+            &Device::Cpu,
+            DType::F32,
+        )
+        .unwrap();
+        let mut fresh = toy_generator(ToyRecurrent::new());
+        let first: &[u32] = &[1, 4, 2, 5];
+        let slot = cached.allocate().unwrap();
+        run(&mut cached, &[slot], &[first], 2);
+        cached.release(slot);
+        // A prompt that shares only part of the first one: a recurrent state exists at the
+        // first prompt's end only, so nothing is reused.
+        let partial: &[u32] = &[1, 4, 3, 3];
+        // One that extends it: the first prompt's state is restored, and one token prefilled.
+        let extended: &[u32] = &[1, 4, 2, 5, 6];
+        for (prompt, reused) in [(partial, 0), (extended, 4)] {
+            let before = cached.prefix_cache_stats().unwrap().reused_tokens;
+            let slot = cached.allocate().unwrap();
+            let with_cache = run(&mut cached, &[slot], &[prompt], 3);
+            cached.release(slot);
+            let after = cached.prefix_cache_stats().unwrap().reused_tokens;
+            assert_eq!(after - before, reused, "{prompt:?}");
+            let slot = fresh.allocate().unwrap();
+            let without = run(&mut fresh, &[slot], &[prompt], 3);
+            fresh.release(slot);
+            assert_eq!(with_cache, without, "{prompt:?}");
+        }
+        let stats = cached.prefix_cache_stats().unwrap();
+        assert_eq!((stats.hits, stats.misses), (1, 2));
+        assert!(fresh.prefix_cache_stats().is_none());
     }
 
     fn argmax(logits: &[f32]) -> u32 {

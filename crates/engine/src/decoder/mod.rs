@@ -2,6 +2,7 @@
 //! sequences' state, and that state.
 
 pub mod generator;
+pub mod prefix_cache;
 pub mod state;
 pub mod step;
 

@@ -88,6 +88,46 @@ impl KvRing {
     }
 }
 
+impl KvRing {
+    /// Copies of `slot`'s entries for its first `len` positions: `[kv_heads, held, width]` keys
+    /// and values, `held = min(len, capacity)`, in ring order.
+    pub(crate) fn snapshot(&self, slot: usize, len: usize) -> Result<(Tensor, Tensor)> {
+        let held = len.min(self.capacity);
+        let copy = |t: &Tensor| -> Result<Tensor> { Ok(t.get(slot)?.narrow(1, 0, held)?.copy()?) };
+        Ok((copy(&self.keys)?, copy(&self.values)?))
+    }
+
+    /// Writes the first `count` ring entries of a snapshot (`[kv_heads, held, width]`) into
+    /// `slot`'s ring indexes `0..count`: one scatter per tensor.
+    pub(crate) fn restore(
+        &self,
+        slot: usize,
+        keys: &Tensor,
+        values: &Tensor,
+        count: usize,
+    ) -> Result<()> {
+        let kv_heads = self.entries.kv_heads;
+        let rows: Vec<u32> = (0..kv_heads)
+            .flat_map(|head| {
+                let base = (slot * kv_heads + head) * self.capacity;
+                (base..base + count).map(|index| index as u32)
+            })
+            .collect();
+        let rows = Tensor::from_vec(rows, (kv_heads * count, 1), self.keys.device())?;
+        for (ring, saved) in [(&self.keys, keys), (&self.values, values)] {
+            let (slots, _, capacity, width) = ring.dims4()?;
+            let flat = ring.reshape((slots * kv_heads * capacity, width))?;
+            let saved = saved
+                .narrow(1, 0, count)?
+                .contiguous()?
+                .reshape((kv_heads * count, width))?;
+            let ids = rows.broadcast_as((kv_heads * count, width))?.contiguous()?;
+            flat.scatter_set(&ids, &saved, 0)?;
+        }
+        Ok(())
+    }
+}
+
 /// The absolute position held at ring index `index` by a sequence of `len` positions in a ring of
 /// `capacity` entries, or None when that entry has not been written.
 pub fn position_at(index: usize, len: usize, capacity: usize) -> Option<usize> {

@@ -85,6 +85,48 @@ pub struct LayerWrites {
     pub recurrent: Option<Tensor>,
 }
 
+/// A copy of one sequence's state after its first [`Snapshot::len`] positions: what the prefix
+/// cache keeps.
+#[derive(Debug)]
+pub struct Snapshot {
+    len: usize,
+    layers: Vec<(Option<(Tensor, Tensor)>, Option<Tensor>)>,
+    bytes: usize,
+    truncatable: bool,
+}
+
+impl Snapshot {
+    /// Positions the snapshot holds.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the snapshot holds no position.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Bytes of its tensors.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// The longest prefix of the snapshot that a sequence can start from, given that its
+    /// tokens agree with the snapshot's for `common` positions: any `common` when every ring
+    /// still holds position 0 and no layer is recurrent (the state after `n` positions is then
+    /// the first `n` entries); only the whole snapshot otherwise (a wrapped ring has overwritten
+    /// its first entries, a recurrent state exists at one position only).
+    pub fn usable(&self, common: usize) -> usize {
+        if self.truncatable {
+            common.min(self.len)
+        } else if common >= self.len {
+            self.len
+        } else {
+            0
+        }
+    }
+}
+
 /// The state of every sequence slot: the slot pool a generator owns.
 pub struct SequenceState {
     layers: Vec<LayerSlots>,
@@ -239,6 +281,73 @@ impl SequenceState {
             let len = self.len(slot)?;
             self.lengths[slot] = Some(len + count);
         }
+        Ok(())
+    }
+
+    /// A copy of the state of the sequence in `slot` at its current length.
+    pub fn snapshot(&self, slot: usize) -> Result<Snapshot> {
+        let len = self.len(slot)?;
+        let mut bytes = 0;
+        let mut truncatable = true;
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for layer in &self.layers {
+            let entries = match &layer.ring {
+                Some(ring) => {
+                    truncatable &= len <= ring.capacity();
+                    let (keys, values) = ring.snapshot(slot, len)?;
+                    bytes +=
+                        (keys.elem_count() + values.elem_count()) * keys.dtype().size_in_bytes();
+                    Some((keys, values))
+                }
+                None => None,
+            };
+            let recurrent = match &layer.recurrent {
+                Some(state) => {
+                    truncatable = false;
+                    let saved = state.snapshot(slot)?;
+                    bytes += saved.elem_count() * saved.dtype().size_in_bytes();
+                    Some(saved)
+                }
+                None => None,
+            };
+            layers.push((entries, recurrent));
+        }
+        Ok(Snapshot {
+            len,
+            layers,
+            bytes,
+            truncatable,
+        })
+    }
+
+    /// Starts the freshly allocated sequence in `slot` from the first `len` positions of
+    /// `snapshot` (at most [`Snapshot::usable`] of them).
+    pub fn restore(&mut self, slot: usize, snapshot: &Snapshot, len: usize) -> Result<()> {
+        if self.len(slot)? != 0 {
+            return Err(EngineError::Internal(format!(
+                "slot {slot} is restored from a snapshot after it started"
+            )));
+        }
+        if len == 0 || len > snapshot.len || (len < snapshot.len && !snapshot.truncatable) {
+            return Err(EngineError::Internal(format!(
+                "{len} positions restored from a snapshot of {}",
+                snapshot.len
+            )));
+        }
+        if snapshot.layers.len() != self.layers.len() {
+            return Err(EngineError::Internal(
+                "a snapshot of another model's state".into(),
+            ));
+        }
+        for (layer, (entries, recurrent)) in self.layers.iter().zip(&snapshot.layers) {
+            if let (Some(ring), Some((keys, values))) = (&layer.ring, entries) {
+                ring.restore(slot, keys, values, len.min(ring.capacity()))?;
+            }
+            if let (Some(state), Some(saved)) = (&layer.recurrent, recurrent) {
+                state.restore(slot, saved)?;
+            }
+        }
+        self.lengths[slot] = Some(len);
         Ok(())
     }
 

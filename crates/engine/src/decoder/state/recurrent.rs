@@ -35,6 +35,17 @@ impl RecurrentState {
         &self.state
     }
 
+    /// A copy of `slot`'s state, `[1, ..dims]`.
+    pub(crate) fn snapshot(&self, slot: usize) -> Result<Tensor> {
+        Ok(self.state.narrow(0, slot, 1)?.copy()?)
+    }
+
+    /// Sets `slot`'s state to a snapshot (`[1, ..dims]`).
+    pub(crate) fn restore(&self, slot: usize, saved: &Tensor) -> Result<()> {
+        self.state.slice_set(saved, 0, slot)?;
+        Ok(())
+    }
+
     /// Zeroes `slot`'s state.
     pub(crate) fn reset(&self, slot: usize) -> Result<()> {
         let mut dims = self.state.dims().to_vec();
