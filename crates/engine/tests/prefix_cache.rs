@@ -9,8 +9,8 @@ use candlewick_engine::StepRow;
 use candlewick_engine::{load_generator, Generator, GeneratorConfig, LoadOptions, ModelSource};
 
 /// Prefix-restored and full prefills compute the same tokens' keys and values in other steps
-/// (and batches): their logits agree to float rounding, measured below 2e-6 on the CPU kernels
-/// and 1.1e-5 on the device-generic path. Bound: the parity tolerance.
+/// (and batches): their logits agree to float rounding, measured up to 6.9e-6 on the CPU kernels
+/// and 1.5e-5 on the device-generic path. Bound: the parity tolerance.
 const TOLERANCE: f32 = 1e-4;
 
 fn fixture_dir(name: &str) -> PathBuf {
@@ -100,6 +100,7 @@ fn assert_same(
             .zip(a_logits.iter().flatten())
             .map(|(a, b)| (a - b).abs())
             .fold(0f32, f32::max);
+        eprintln!("{what}, row {row}: largest |logit difference| {largest:.1e}");
         assert!(
             largest <= TOLERANCE,
             "{what}, row {row}: logits {largest} apart"
