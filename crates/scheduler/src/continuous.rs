@@ -46,6 +46,8 @@ pub struct SchedulerStats {
     waiting: AtomicUsize,
     running: AtomicUsize,
     generated: AtomicUsize,
+    prefix_hits: AtomicUsize,
+    reused_tokens: AtomicUsize,
 }
 
 impl SchedulerStats {
@@ -62,6 +64,16 @@ impl SchedulerStats {
     /// Tokens generated since the scheduler started, by all requests.
     pub fn generated_tokens(&self) -> usize {
         self.generated.load(Ordering::Relaxed)
+    }
+
+    /// Requests that started from a cached prefix.
+    pub fn prefix_cache_hits(&self) -> usize {
+        self.prefix_hits.load(Ordering::Relaxed)
+    }
+
+    /// Prompt tokens restored from the prefix cache instead of prefilled.
+    pub fn prefix_cache_reused_tokens(&self) -> usize {
+        self.reused_tokens.load(Ordering::Relaxed)
     }
 }
 
@@ -319,14 +331,26 @@ impl EngineLoop {
             self.generator.vocab_size(),
             max_context,
         ) {
-            Ok(sequence) => Ok(Active {
-                sequence,
-                prompt: pending.request.prompt.clone(),
-                prefilled: 0,
-                events: pending.events.clone(),
-                submitted: pending.submitted,
-                last_token_at: None,
-            }),
+            Ok(sequence) => {
+                // A prompt that starts like a cached one starts from its state.
+                let prompt = &pending.request.prompt;
+                let prefilled = match self.generator.restore_prefix(slot, prompt) {
+                    Ok(restored) => restored,
+                    Err(error) => {
+                        self.generator.release(slot);
+                        return Err(error.into());
+                    }
+                };
+                self.publish_prefix_cache();
+                Ok(Active {
+                    sequence,
+                    prompt: prompt.clone(),
+                    prefilled,
+                    events: pending.events.clone(),
+                    submitted: pending.submitted,
+                    last_token_at: None,
+                })
+            }
             Err(error) => {
                 self.generator.release(slot);
                 Err(error)
@@ -423,11 +447,40 @@ impl EngineLoop {
             if active.decoding() {
                 metrics::counter!("candlewick_prompt_tokens_total")
                     .increment(active.prompt.len() as u64);
+                // Keep the prompt's state for later prompts that start the same way; a
+                // failure to keep it costs only a later hit.
+                if let Err(error) = self
+                    .generator
+                    .remember_prefix(active.sequence.slot, &active.prompt)
+                {
+                    tracing::warn!(%error, "the prompt's state was not kept for prefix caching");
+                }
                 finished_slots.push(active.sequence.slot);
                 finished_logits.push(row_logits);
             }
         }
+        self.publish_prefix_cache();
         self.accept_all(&finished_slots, finished_logits);
+    }
+
+    /// The prefix cache's counts, for /metrics.
+    fn publish_prefix_cache(&self) {
+        let Some(stats) = self.generator.prefix_cache_stats() else {
+            return;
+        };
+        let shared = &self.shared.stats;
+        shared
+            .prefix_hits
+            .store(stats.hits as usize, Ordering::Relaxed);
+        shared
+            .reused_tokens
+            .store(stats.reused_tokens as usize, Ordering::Relaxed);
+        metrics::counter!("candlewick_prefix_cache_hits_total").absolute(stats.hits);
+        metrics::counter!("candlewick_prefix_cache_misses_total").absolute(stats.misses);
+        metrics::counter!("candlewick_prefix_cache_reused_tokens_total")
+            .absolute(stats.reused_tokens);
+        metrics::gauge!("candlewick_prefix_cache_bytes").set(stats.bytes as f64);
+        metrics::gauge!("candlewick_prefix_cache_entries").set(stats.entries as f64);
     }
 
     /// Samples a token for each slot's sequence from its logits and sends it; frees the slots

@@ -40,9 +40,19 @@ fn scheduler(
     slots: usize,
     config: SchedulerConfig,
 ) -> (Scheduler, Arc<candlewick_engine::Tokenizer>) {
+    scheduler_with_cache(name, slots, config, 0)
+}
+
+fn scheduler_with_cache(
+    name: &str,
+    slots: usize,
+    config: SchedulerConfig,
+    prefix_cache_bytes: usize,
+) -> (Scheduler, Arc<candlewick_engine::Tokenizer>) {
     let options = LoadOptions {
         generator: GeneratorConfig {
             max_sequences: slots,
+            prefix_cache_bytes,
             ..GeneratorConfig::default()
         },
         ..LoadOptions::default()
@@ -116,6 +126,55 @@ fn concurrent_requests_each_get_their_greedy_reference() {
         let (tokens, _, _) = collect(receiver);
         assert_eq!(tokens, reference.alone[i], "prompt {i}");
     }
+}
+
+#[test]
+fn requests_sharing_a_prefix_start_from_it_and_get_their_greedy_reference() {
+    // Full attention: any shared prefix of a cached prompt is reused. Every prompt is sent three
+    // times, concurrently and then one at a time, beside prompts that share a system prompt.
+    let name = "nowin-gqa4";
+    let reference = reference(name);
+    let system: Vec<u32> = (0..24).map(|i| 3 + (i * 37) % 1000).collect();
+    let mut prompts: Vec<Vec<u32>> = reference.prompts.clone();
+    for tail in [[5u32, 9, 11], [6, 2, 40]] {
+        prompts.push([system.clone(), tail.to_vec()].concat());
+    }
+    let (plain, _) = scheduler(name, 4, limits());
+    let expected: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| collect(plain.submit(greedy(p, 12)).unwrap()).0)
+        .collect();
+    for (i, alone) in reference.alone.iter().enumerate() {
+        assert_eq!(
+            &expected[i][..],
+            &alone[..12],
+            "prompt {i} without the cache"
+        );
+    }
+    let (cached, _) = scheduler_with_cache(name, 4, limits(), 16 << 20);
+    let concurrent: Vec<_> = (0..3)
+        .flat_map(|_| 0..prompts.len())
+        .map(|i| (i, cached.submit(greedy(&prompts[i], 12)).unwrap()))
+        .collect();
+    for (i, receiver) in concurrent {
+        assert_eq!(collect(receiver).0, expected[i], "prompt {i}, concurrent");
+    }
+    for (i, prompt) in prompts.iter().enumerate() {
+        let tokens = collect(cached.submit(greedy(prompt, 12)).unwrap()).0;
+        assert_eq!(tokens, expected[i], "prompt {i}, one at a time");
+    }
+    let stats = cached.stats();
+    // At least the one-at-a-time round hits on every prompt.
+    assert!(
+        stats.prefix_cache_hits() >= prompts.len(),
+        "{}",
+        stats.prefix_cache_hits()
+    );
+    assert!(
+        stats.prefix_cache_reused_tokens() >= 24,
+        "the system prompt is reused"
+    );
+    assert_eq!(plain.stats().prefix_cache_hits(), 0);
 }
 
 #[test]

@@ -89,6 +89,11 @@ pub struct ServeArgs {
     /// [env: CANDLEWICK_MAX_BATCH_TOKENS]
     #[arg(long)]
     pub max_batch_tokens: Option<usize>,
+    /// Bytes of prefilled prompts' state kept for later prompts that start the same way
+    /// (automatic prefix caching); 0 turns it off; default 268435456 (256 MiB)
+    /// [env: CANDLEWICK_PREFIX_CACHE_BYTES]
+    #[arg(long)]
+    pub prefix_cache_bytes: Option<usize>,
     /// Longest prompt in tokens; default and maximum: the model's context
     /// [env: CANDLEWICK_MAX_INPUT_TOKENS]
     #[arg(long)]
@@ -136,6 +141,7 @@ pub struct PartialSettings {
     pub max_running: Option<usize>,
     pub max_waiting: Option<usize>,
     pub max_batch_tokens: Option<usize>,
+    pub prefix_cache_bytes: Option<usize>,
     pub max_input_tokens: Option<usize>,
     pub max_total_tokens: Option<usize>,
     pub max_request_tokens: Option<usize>,
@@ -183,6 +189,7 @@ struct LimitsTable {
     max_running: Option<usize>,
     max_waiting: Option<usize>,
     max_batch_tokens: Option<usize>,
+    prefix_cache_bytes: Option<usize>,
     max_input_tokens: Option<usize>,
     max_total_tokens: Option<usize>,
     max_request_tokens: Option<usize>,
@@ -212,6 +219,7 @@ impl PartialSettings {
             max_running: limits.max_running,
             max_waiting: limits.max_waiting,
             max_batch_tokens: limits.max_batch_tokens,
+            prefix_cache_bytes: limits.prefix_cache_bytes,
             max_input_tokens: limits.max_input_tokens,
             max_total_tokens: limits.max_total_tokens,
             max_request_tokens: limits.max_request_tokens,
@@ -251,6 +259,10 @@ impl PartialSettings {
                 "CANDLEWICK_MAX_BATCH_TOKENS",
                 text("CANDLEWICK_MAX_BATCH_TOKENS"),
             )?,
+            prefix_cache_bytes: parse_env(
+                "CANDLEWICK_PREFIX_CACHE_BYTES",
+                text("CANDLEWICK_PREFIX_CACHE_BYTES"),
+            )?,
             max_input_tokens: parse_env(
                 "CANDLEWICK_MAX_INPUT_TOKENS",
                 text("CANDLEWICK_MAX_INPUT_TOKENS"),
@@ -286,6 +298,7 @@ impl PartialSettings {
             max_running: args.max_running,
             max_waiting: args.max_waiting,
             max_batch_tokens: args.max_batch_tokens,
+            prefix_cache_bytes: args.prefix_cache_bytes,
             max_input_tokens: args.max_input_tokens,
             max_total_tokens: args.max_total_tokens,
             max_request_tokens: args.max_request_tokens,
@@ -311,6 +324,7 @@ impl PartialSettings {
             max_running: self.max_running.or(lower.max_running),
             max_waiting: self.max_waiting.or(lower.max_waiting),
             max_batch_tokens: self.max_batch_tokens.or(lower.max_batch_tokens),
+            prefix_cache_bytes: self.prefix_cache_bytes.or(lower.prefix_cache_bytes),
             max_input_tokens: self.max_input_tokens.or(lower.max_input_tokens),
             max_total_tokens: self.max_total_tokens.or(lower.max_total_tokens),
             max_request_tokens: self.max_request_tokens.or(lower.max_request_tokens),
@@ -356,6 +370,8 @@ pub struct Settings {
     pub max_running: usize,
     pub max_waiting: usize,
     pub max_batch_tokens: usize,
+    /// Generators: bytes of the prefix cache; 0 turns it off.
+    pub prefix_cache_bytes: usize,
     /// None: the model's context.
     pub max_input_tokens: Option<usize>,
     /// None: the model's context.
@@ -422,6 +438,7 @@ impl Settings {
             max_running: partial.max_running.unwrap_or(16),
             max_waiting: partial.max_waiting.unwrap_or(64),
             max_batch_tokens: partial.max_batch_tokens.unwrap_or(2048),
+            prefix_cache_bytes: partial.prefix_cache_bytes.unwrap_or(256 << 20),
             max_input_tokens: partial.max_input_tokens,
             max_total_tokens: partial.max_total_tokens,
             max_request_tokens: partial.max_request_tokens.unwrap_or(65536),
@@ -606,6 +623,7 @@ mod tests {
             "max_running",
             "max_waiting",
             "max_batch_tokens",
+            "prefix_cache_bytes",
             "max_input_tokens",
             "max_total_tokens",
         ] {

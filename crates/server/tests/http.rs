@@ -27,6 +27,8 @@ fn load_state(request_timeout: Duration) -> Arc<AppState> {
     let options = LoadOptions {
         generator: GeneratorConfig {
             max_sequences: 4,
+            // As the server runs by default: every test also goes through the prefix cache.
+            prefix_cache_bytes: 16 << 20,
             ..GeneratorConfig::default()
         },
         ..LoadOptions::default()
@@ -557,11 +559,14 @@ async fn models_health_ready_and_unknown_routes() {
 #[tokio::test]
 async fn metrics_count_requests_by_route_and_status() {
     let _ = post_json("/v1/completions", json!({"model": "nope", "prompt": "hi"})).await;
-    let _ = post_json(
-        "/v1/completions",
-        json!({"model": MODEL, "prompt": "hi", "max_tokens": 2}),
-    )
-    .await;
+    // The same prompt twice: the second starts from the first's cached state.
+    for _ in 0..2 {
+        let _ = post_json(
+            "/v1/completions",
+            json!({"model": MODEL, "prompt": "hi there", "max_tokens": 2}),
+        )
+        .await;
+    }
     let (status, text) = send(app(), Request::get("/metrics").body(Body::empty()).unwrap()).await;
     assert_eq!(status, StatusCode::OK);
     assert!(
@@ -577,6 +582,13 @@ async fn metrics_count_requests_by_route_and_status() {
         text.contains(r#"candlewick_decode_batch_size_bucket{le="128"}"#),
         "{text}"
     );
+    for name in [
+        "candlewick_prefix_cache_hits_total",
+        "candlewick_prefix_cache_misses_total",
+        "candlewick_prefix_cache_bytes",
+    ] {
+        assert!(text.contains(name), "{name} missing from {text}");
+    }
 }
 
 #[tokio::test]

@@ -95,6 +95,7 @@ fn load_generator_state(
         dtype,
         generator: GeneratorConfig {
             max_sequences: settings.max_running,
+            prefix_cache_bytes: settings.prefix_cache_bytes,
             ..GeneratorConfig::default()
         },
         quantize: settings.quantize,
@@ -111,6 +112,7 @@ fn load_generator_state(
         max_input_tokens,
         max_total_tokens,
         max_running = settings.max_running,
+        prefix_cache_bytes = settings.prefix_cache_bytes,
         "model loaded"
     );
     let config = SchedulerConfig {
