@@ -9,7 +9,9 @@ and an inter-token latency is the gap between two consecutive chunks of one stre
 
 Prompts are token-id lists (a BOS, then ids drawn from --token-ids, different for every
 request) so their length is exact; requests use temperature 0 and ignore_eos, so every request
-generates exactly --max-tokens tokens.
+generates exactly --max-tokens tokens. --shared-prefix N puts the same N tokens after every BOS,
+as a chat's system prompt, to measure prefix caching (run the server with and without
+--prefix-cache-bytes 0).
 
     # against a running server
     python tests/bench/load.py --url http://127.0.0.1:8000 --concurrency 1,8,32 --requests 64
@@ -161,9 +163,17 @@ class LoadConfig:
     level_timeout_s: float
     seed: int
     api_key: str | None = None
+    shared_prefix: int = 0
 
     def headers(self) -> dict[str, str]:
         return {"authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def prompt(self, rng: random.Random) -> list[int]:
+        """BOS, the shared prefix (the same for every request), then --prompt-len own tokens."""
+        shared = random.Random(self.seed + 7_777)
+        prefix = [shared.randrange(self.token_low, self.token_high) for _ in range(self.shared_prefix)]
+        own = make_prompt(rng, self.prompt_len, self.token_low, self.token_high, self.bos)
+        return own[:1] + prefix + own[1:]
 
 
 def request_body(config: LoadConfig, prompt: list[int]) -> dict[str, Any]:
@@ -180,10 +190,7 @@ def request_body(config: LoadConfig, prompt: list[int]) -> dict[str, Any]:
 
 async def run_level(config: LoadConfig, concurrency: int) -> LevelReport:
     rng = random.Random(config.seed * 1_000_003 + concurrency)
-    prompts = [
-        make_prompt(rng, config.prompt_len, config.token_low, config.token_high, config.bos)
-        for _ in range(config.requests)
-    ]
+    prompts = [config.prompt(rng) for _ in range(config.requests)]
     results: list[RequestResult] = []
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     timeout = httpx.Timeout(config.request_timeout_s)
@@ -234,9 +241,7 @@ async def warm_up(config: LoadConfig, count: int) -> None:
     rng = random.Random(config.seed - 1)
     async with httpx.AsyncClient(base_url=config.base_url, headers=config.headers()) as client:
         for _ in range(count):
-            prompt = make_prompt(
-                rng, config.prompt_len, config.token_low, config.token_high, config.bos
-            )
+            prompt = config.prompt(rng)
             result = await one_request(
                 client, request_body(config, prompt), config.request_timeout_s
             )
@@ -424,6 +429,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="prompt ids are drawn from [LOW, HIGH), inside the vocabulary (259-1000)",
     )
     load.add_argument("--bos", type=int, default=1, help="first prompt id (%(default)s)")
+    load.add_argument(
+        "--shared-prefix",
+        type=int,
+        default=0,
+        help="tokens after BOS that every prompt shares, as a system prompt (%(default)s)",
+    )
     load.add_argument("--warmup", type=int, default=2, help="untimed requests first (%(default)s)")
     load.add_argument("--request-timeout", type=float, default=300.0, help="seconds (%(default)s)")
     load.add_argument(
@@ -470,6 +481,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             level_timeout_s=args.level_timeout,
             seed=args.seed,
             api_key=args.api_key,
+            shared_prefix=args.shared_prefix,
         )
         reports = asyncio.run(_run(config, args.concurrency, args.warmup))
     finally:

@@ -11,7 +11,7 @@
 use candle_core::{DType, Device, Tensor};
 
 use crate::attention::AttentionPattern;
-use crate::decoder::state::AttentionEntries;
+use crate::decoder::state::{owned_copy, AttentionEntries};
 use crate::decoder::step::StepBatch;
 use crate::error::Result;
 
@@ -93,7 +93,7 @@ impl KvRing {
     /// and values, `held = min(len, capacity)`, in ring order.
     pub(crate) fn snapshot(&self, slot: usize, len: usize) -> Result<(Tensor, Tensor)> {
         let held = len.min(self.capacity);
-        let copy = |t: &Tensor| -> Result<Tensor> { Ok(t.get(slot)?.narrow(1, 0, held)?.copy()?) };
+        let copy = |t: &Tensor| owned_copy(&t.get(slot)?.narrow(1, 0, held)?);
         Ok((copy(&self.keys)?, copy(&self.values)?))
     }
 

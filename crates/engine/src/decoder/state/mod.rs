@@ -90,9 +90,18 @@ pub struct LayerWrites {
 #[derive(Debug)]
 pub struct Snapshot {
     len: usize,
-    layers: Vec<(Option<(Tensor, Tensor)>, Option<Tensor>)>,
+    layers: Vec<LayerSnapshot>,
     bytes: usize,
     truncatable: bool,
+}
+
+/// One layer's part of a [`Snapshot`].
+#[derive(Debug)]
+struct LayerSnapshot {
+    /// Keys and values, `[kv_heads, held, width]` each, in ring order.
+    entries: Option<(Tensor, Tensor)>,
+    /// The recurrent state, `[1, ..dims]`.
+    recurrent: Option<Tensor>,
 }
 
 impl Snapshot {
@@ -125,6 +134,15 @@ impl Snapshot {
             0
         }
     }
+}
+
+/// A copy of the elements of `view` in storage of its own. (`Tensor::copy` clones the whole
+/// storage under a view, and `contiguous` may share it: a snapshot must neither hold the whole
+/// ring nor see it change.)
+pub(crate) fn owned_copy(view: &Tensor) -> Result<Tensor> {
+    let copy = Tensor::zeros(view.shape(), view.dtype(), view.device())?;
+    copy.slice_set(&view.contiguous()?, 0, 0)?;
+    Ok(copy)
 }
 
 /// The state of every sequence slot: the slot pool a generator owns.
@@ -310,7 +328,7 @@ impl SequenceState {
                 }
                 None => None,
             };
-            layers.push((entries, recurrent));
+            layers.push(LayerSnapshot { entries, recurrent });
         }
         Ok(Snapshot {
             len,
@@ -339,11 +357,11 @@ impl SequenceState {
                 "a snapshot of another model's state".into(),
             ));
         }
-        for (layer, (entries, recurrent)) in self.layers.iter().zip(&snapshot.layers) {
-            if let (Some(ring), Some((keys, values))) = (&layer.ring, entries) {
+        for (layer, saved) in self.layers.iter().zip(&snapshot.layers) {
+            if let (Some(ring), Some((keys, values))) = (&layer.ring, &saved.entries) {
                 ring.restore(slot, keys, values, len.min(ring.capacity()))?;
             }
-            if let (Some(state), Some(saved)) = (&layer.recurrent, recurrent) {
+            if let (Some(state), Some(saved)) = (&layer.recurrent, &saved.recurrent) {
                 state.restore(slot, saved)?;
             }
         }
@@ -362,6 +380,34 @@ impl SequenceState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_snapshot_copy_owns_its_elements_and_does_not_see_the_ring_change() {
+        let ring = Tensor::arange(0f32, 24., &Device::Cpu)
+            .unwrap()
+            .reshape((2, 3, 4))
+            .unwrap();
+        // A contiguous view at an offset, and a strided one.
+        let views = [ring.get(1).unwrap(), ring.narrow(1, 0, 2).unwrap()];
+        let copies: Vec<Tensor> = views.iter().map(|v| owned_copy(v).unwrap()).collect();
+        let expected: Vec<Vec<f32>> = views
+            .iter()
+            .map(|v| v.flatten_all().unwrap().to_vec1().unwrap())
+            .collect();
+        ring.slice_set(&ring.zeros_like().unwrap(), 0, 0).unwrap();
+        for (copy, expected) in copies.iter().zip(expected) {
+            // Its storage holds its elements only, not the ring under the view.
+            let (storage, _) = copy.storage_and_layout();
+            let candle_core::Storage::Cpu(cpu) = &*storage else {
+                panic!("a CPU tensor");
+            };
+            assert_eq!(cpu.as_slice::<f32>().unwrap().len(), expected.len());
+            assert_eq!(
+                copy.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                expected
+            );
+        }
+    }
 
     #[test]
     fn slots_are_reused_after_release() {

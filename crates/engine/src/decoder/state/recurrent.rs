@@ -37,7 +37,7 @@ impl RecurrentState {
 
     /// A copy of `slot`'s state, `[1, ..dims]`.
     pub(crate) fn snapshot(&self, slot: usize) -> Result<Tensor> {
-        Ok(self.state.narrow(0, slot, 1)?.copy()?)
+        crate::decoder::state::owned_copy(&self.state.narrow(0, slot, 1)?)
     }
 
     /// Sets `slot`'s state to a snapshot (`[1, ..dims]`).
