@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Encoder classification throughput of Candlewick beside transformers' text-classification
-pipeline, on the same weights and thread count, in one run.
+pipeline and ONNX Runtime, on the same weights and thread count, in one run.
 
 Makes (once) a MobileBertForSequenceClassification with google/mobilebert-uncased's sizes (24
 layers, hidden 512, bottleneck 128, 4 feed-forward networks, trigram input, no_norm) and random
@@ -10,9 +10,12 @@ weights, with the real bert-base-uncased vocabulary, then classifies the same te
   model and turns logits into labels and scores;
 - Candlewick: `candlewick serve` on the same folder, `POST /v1/classify` with B texts a request,
   one request at a time, so tokenizing, HTTP and JSON are counted too.
-Both answer with the same labels and scores (checked to 1e-4), so the weights and inputs are the same.
+- ONNX Runtime: the model exported once with torch.onnx.export (opset 17, dynamic batch and
+  length), B texts tokenized and run a session call (tokenizing counted, no HTTP).
+All answer with the same labels and scores (checked to 1e-4), so the weights and inputs are the same.
+An engine that cannot run is listed with the reason.
 
-Requires: pip install torch transformers==4.37.2 httpx
+Requires: pip install torch transformers==4.37.2 httpx onnxruntime onnx
 Usage: python tests/bench/encoder_vs_pipeline.py [--threads 2] [--batch-sizes 1,32] [--seq-len 128]
 (build first: cargo build --release)
 """
@@ -103,6 +106,57 @@ def bench_transformers(path: Path, texts, batch_sizes, threads, repeats):
     return results, outputs
 
 
+def bench_onnxruntime(path: Path, texts, batch_sizes, threads, repeats):
+    import numpy as np
+    import onnxruntime
+    import torch
+    from transformers import AutoTokenizer, MobileBertForSequenceClassification
+
+    onnx_path = path / "model.onnx"
+    if not onnx_path.exists():
+        model = MobileBertForSequenceClassification.from_pretrained(path).eval()
+        example = torch.ones((1, 8), dtype=torch.int64)
+        dynamic = {0: "batch", 1: "length"}
+        torch.onnx.export(model, (example, example, torch.zeros_like(example)), str(onnx_path),
+                          input_names=["input_ids", "attention_mask", "token_type_ids"],
+                          output_names=["logits"], opset_version=17,
+                          dynamic_axes={"input_ids": dynamic, "attention_mask": dynamic,
+                                        "token_type_ids": dynamic, "logits": {0: "batch"}})
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = onnxruntime.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    tokenizer = AutoTokenizer.from_pretrained(path)
+
+    def classify(batch_texts):
+        encoded = tokenizer(batch_texts, padding=True, return_tensors="np")
+        feeds = {name: encoded[name].astype(np.int64) for name in ("input_ids", "attention_mask", "token_type_ids")}
+        logits = session.run(["logits"], feeds)[0]
+        shifted = np.exp(logits - logits.max(-1, keepdims=True))
+        return shifted / shifted.sum(-1, keepdims=True)
+
+    results, outputs = [], None
+    for batch in batch_sizes:
+        classify(texts[:batch])  # warm-up
+        best = float("inf")
+        for _ in range(repeats):
+            got = []
+            start = time.perf_counter()
+            for i in range(0, len(texts), batch):
+                got.extend(classify(texts[i:i + batch]))
+            best = min(best, time.perf_counter() - start)
+        outputs = got
+        results.append({"batch": batch, "sequences_per_s": len(texts) / best})
+    return results, outputs
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown CPU"
+
+
 def bench_candlewick(path: Path, texts, batch_sizes, threads, repeats, seq_len):
     import httpx
     from load import SpawnedServer, find_binary
@@ -165,15 +219,32 @@ def main():
         worst = max(worst, abs(got["score"] - expected["score"]))
     if worst > 1e-4:
         sys.exit(f"scores differ by {worst:.2e}")
+    try:
+        onnx, onnx_outputs = bench_onnxruntime(args.model_dir, texts, batch_sizes, args.threads, args.repeats)
+        id2label = json.loads((args.model_dir / "config.json").read_text())["id2label"]
+        for got, probabilities in zip(our_outputs, onnx_outputs):
+            best = int(probabilities.argmax())
+            if got["label"] != id2label[str(best)] or abs(got["score"] - float(probabilities[best])) > 1e-4:
+                sys.exit(f"ONNX Runtime differs: {got} vs {probabilities}")
+        onnx_reason = None
+    except ImportError as error:
+        onnx, onnx_reason = None, f"{type(error).__name__}: {error}"
 
     print(f"MobileBERT (google/mobilebert-uncased sizes), sequence classification, {args.seq_len} tokens a text")
-    print(f"threads: {args.threads}; {args.sequences} texts per measurement; largest score difference {worst:.1e}")
+    print(f"CPU: {cpu_model()}; threads: {args.threads}; {args.sequences} texts per measurement; "
+          f"largest score difference {worst:.1e}")
     print()
-    print(f"{'batch':>5} | {'candlewick seq/s':>16} {'pipeline seq/s':>15} {'x':>5}")
-    for o, t in zip(ours, theirs):
-        print(f"{o['batch']:>5} | {o['sequences_per_s']:>16.1f} {t['sequences_per_s']:>15.1f} "
-              f"{o['sequences_per_s'] / t['sequences_per_s']:>5.2f}")
-    print(json.dumps({"candlewick": ours, "transformers_pipeline": theirs}))
+    print(f"{'batch':>5} | {'candlewick seq/s':>16} {'pipeline seq/s':>15} {'x':>5} | {'onnxruntime seq/s':>17} {'x':>5}")
+    for i, (o, t) in enumerate(zip(ours, theirs)):
+        line = (f"{o['batch']:>5} | {o['sequences_per_s']:>16.1f} {t['sequences_per_s']:>15.1f} "
+                f"{o['sequences_per_s'] / t['sequences_per_s']:>5.2f}")
+        if onnx:
+            r = onnx[i]["sequences_per_s"]
+            line += f" | {r:>17.1f} {o['sequences_per_s'] / r:>5.2f}"
+        print(line)
+    if onnx_reason:
+        print(f"not run: ONNX Runtime: {onnx_reason}")
+    print(json.dumps({"candlewick": ours, "transformers_pipeline": theirs, "onnxruntime": onnx}))
 
 
 if __name__ == "__main__":
