@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Generation speed of Candlewick beside the engines a CPU user would pick instead, in one run, on
 the same checkpoint, prompt ids and thread count: transformers (f32, eager), CTranslate2 (float32
-and int8), and Candlewick (f32, q8_0, q4k). Prints one table with each figure's ratio to
+and int8), llama.cpp (f32 and q8_0 GGUF, an f32 KV cache) and Candlewick (f32, q8_0, q4k). Prints one table with each figure's ratio to
 transformers and the CPU model; an engine that cannot run is listed with the reason.
 
 Like for like: the ~100M Mistral of compare_transformers.py (random weights, the real Mistral
@@ -9,8 +9,11 @@ tokenizer), prompts of random ids from a fixed seed, 128 prompt tokens + 64 new 
 sliding window, where no engine's window handling matters), greedy. Before timing, each peer's f32
 greedy tokens are checked against transformers' on the same prompt.
 
-Requires: pip install torch transformers==4.37.2 sentencepiece protobuf ctranslate2
-Usage: python tests/bench/peers.py [--threads 2] [--batch-sizes 1,16]
+Requires: pip install torch transformers==4.37.2 sentencepiece protobuf ctranslate2 gguf, and
+llama-cpp-python (`pip install` builds it from source with cmake; its converter ships in the
+source distribution: `pip download --no-binary :all: --no-deps llama-cpp-python`, unpack, and
+pass its vendor/llama.cpp folder as --llama-cpp-src)
+Usage: python tests/bench/peers.py [--threads 2] [--batch-sizes 1,16] [--llama-cpp-src DIR]
 (build first: cargo build --release)
 """
 
@@ -121,6 +124,66 @@ class CTranslate2:
         return [result.sequences_ids[0] for result in results]
 
 
+class LlamaCpp:
+    """llama.cpp through llama-cpp-python's low-level API: every row its own sequence id in one
+    batch, the whole prefill one micro-batch, an f32 KV cache, greedy by argmax of the logits."""
+
+    def __init__(self, path: Path, threads: int, outtype: str, src: Path | None, max_batch: int, context: int):
+        import llama_cpp as L
+        import numpy as np
+
+        if src is None or not (src / "convert_hf_to_gguf.py").exists():
+            raise RuntimeError("needs llama.cpp's convert_hf_to_gguf.py: pass --llama-cpp-src, the vendor/llama.cpp "
+                               "folder of the llama-cpp-python source distribution")
+        gguf = ROOT / ".bench" / f"mistral-100m-{outtype}.gguf"
+        if not gguf.exists():
+            env = dict(os.environ, PYTHONPATH=str(src / "gguf-py"))
+            subprocess.run([sys.executable, str(src / "convert_hf_to_gguf.py"), str(path), "--outtype", outtype,
+                            "--outfile", str(gguf)], check=True, capture_output=True, env=env)
+        self.L, self.np, self.name = L, np, f"llama.cpp {outtype}"
+        L.llama_backend_init()
+        self.model = L.llama_model_load_from_file(str(gguf).encode(), L.llama_model_default_params())
+        params = L.llama_context_default_params()
+        params.n_ctx = max_batch * context
+        params.n_batch = params.n_ubatch = max_batch * context
+        params.n_seq_max = max_batch
+        params.n_threads = params.n_threads_batch = threads
+        params.type_k = params.type_v = 0  # GGML_TYPE_F32
+        self.ctx = L.llama_init_from_model(self.model, params)
+        self.vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(self.model))
+
+    def _decode(self, entries):
+        """entries: (token, position, sequence); returns the logits of every entry."""
+        L = self.L
+        batch = L.llama_batch_init(len(entries), 0, 1)
+        try:
+            for i, (token, position, sequence) in enumerate(entries):
+                batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, position, 1
+                batch.seq_id[i][0], batch.logits[i] = sequence, 1
+            batch.n_tokens = len(entries)
+            if L.llama_decode(self.ctx, batch) != 0:
+                raise RuntimeError("llama_decode failed")
+            return [self.np.ctypeslib.as_array(L.llama_get_logits_ith(self.ctx, i), shape=(self.vocab,))
+                    for i in range(len(entries))]
+        finally:
+            L.llama_batch_free(batch)
+
+    def generate(self, rows, new_tokens):
+        self.L.llama_memory_clear(self.L.llama_get_memory(self.ctx), True)
+        entries = [(t, p, s) for s, row in enumerate(rows) for p, t in enumerate(row)]
+        logits = self._decode(entries)
+        ends = self.np.cumsum([len(row) for row in rows]) - 1
+        last = [logits[e] for e in ends]
+        out = [[] for _ in rows]
+        for step in range(new_tokens):
+            tokens = [int(row.argmax()) for row in last]
+            for o, t in zip(out, tokens):
+                o.append(t)
+            if step + 1 < new_tokens:
+                last = self._decode([(t, len(rows[s]) + step, s) for s, t in enumerate(tokens)])
+        return out
+
+
 def measure(engine, batch_sizes, prompt_len, new_tokens):
     """Prefill tok/s (a one-token generation) and decode tok/s (the rest), per batch size."""
     figures = {}
@@ -156,15 +219,40 @@ def main():
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--model-dir", type=Path, default=ROOT / ".bench" / "mistral-100m")
+    parser.add_argument("--llama-cpp-src", type=Path, default=os.environ.get("LLAMA_CPP_SRC"),
+                        help="vendor/llama.cpp of the llama-cpp-python sdist, for its converter ($LLAMA_CPP_SRC)")
     parser.add_argument("--sp-model", type=Path, default=Path(os.environ.get(
         "MISTRAL_SP_MODEL", ROOT.parent / "shared" / "tokenizers" / "mistral_tokenizer.model")))
     args = parser.parse_args()
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     os.environ.setdefault("MKL_NUM_THREADS", str(args.threads))
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    # Idle OpenMP workers of an engine already measured must not spin on the cores the next one
+    # runs on (on 2 cores they halve it).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ.setdefault("GOMP_SPINCOUNT", "0")
+    os.environ.setdefault("KMP_BLOCKTIME", "0")
     make_model(args.model_dir, args.sp_model)
 
     rows, skipped, checks = {}, {}, {}
+    # Candlewick first, in its own process, before any engine of this one has started threads.
+    costs, candlewick_rows = {}, {}
+    for quantize in (None, "q8_0", "q4k"):
+        name = f"Candlewick {quantize or 'f32'}"
+        try:
+            figures, report = candlewick(args.model_dir, batch_sizes, args.prompt_len, args.new_tokens,
+                                         args.threads, quantize)
+        except Exception as error:
+            skipped[name] = f"{type(error).__name__}: {error}"
+            continue
+        candlewick_rows[name] = figures
+        if report.get("quantization_cost"):
+            cost = report["quantization_cost"]
+            costs[name] = (f"max |logit - f32| {cost['max_logit_difference']:.3f}, greedy agreement "
+                           f"{cost['greedy_agreement']:.3f} over {cost['steps']} steps")
+        if quantize is None:
+            floor = report["memory_read_gb_per_s"] * 1e9 / report["decode_weight_bytes"]
+
     reference = Transformers(args.model_dir, args.threads)
     check_prompt = prompts(1, args.prompt_len, seed=7)
     expected = reference.generate(check_prompt, 16)[0]
@@ -180,23 +268,22 @@ def main():
             got = engine.generate(check_prompt, 16)[0]
             checks[engine.name] = "greedy = transformers" if got == expected else f"greedy differs: {got} vs {expected}"
         rows[engine.name] = measure(engine, batch_sizes, args.prompt_len, args.new_tokens)
+        del engine
 
-    costs = {}
-    for quantize in (None, "q8_0", "q4k"):
-        name = f"Candlewick {quantize or 'f32'}"
+    for outtype in ("f32", "q8_0"):
         try:
-            figures, report = candlewick(args.model_dir, batch_sizes, args.prompt_len, args.new_tokens,
-                                         args.threads, quantize)
+            engine = LlamaCpp(args.model_dir, args.threads, outtype, args.llama_cpp_src, max(batch_sizes),
+                              args.prompt_len + args.new_tokens + 2)
         except Exception as error:
-            skipped[name] = f"{type(error).__name__}: {error}"
+            skipped[f"llama.cpp {outtype}"] = f"{type(error).__name__}: {error}"
             continue
-        rows[name] = figures
-        if report.get("quantization_cost"):
-            cost = report["quantization_cost"]
-            costs[name] = (f"max |logit - f32| {cost['max_logit_difference']:.3f}, greedy agreement "
-                           f"{cost['greedy_agreement']:.3f} over {cost['steps']} steps")
-        if quantize is None:
-            floor = report["memory_read_gb_per_s"] * 1e9 / report["decode_weight_bytes"]
+        if outtype == "f32":
+            got = engine.generate(check_prompt, 16)[0]
+            checks[engine.name] = "greedy = transformers" if got == expected else f"greedy differs: {got} vs {expected}"
+        rows[engine.name] = measure(engine, batch_sizes, args.prompt_len, args.new_tokens)
+        del engine
+
+    rows.update(candlewick_rows)
 
     print(f"CPU: {cpu_model()} ({cpu_flags()}); {args.threads} threads; Mistral ~100M f32 checkpoint; "
           f"prompt {args.prompt_len} + {args.new_tokens} new tokens, greedy")
