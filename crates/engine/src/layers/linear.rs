@@ -160,31 +160,50 @@ impl Linear {
         })
     }
 
-    /// Quantizes the weight to `format` in place of the f32 (or bf16) rows; the bias stays
-    /// as it is. Returns the layer unchanged, and false, when its rows do not split into whole
-    /// blocks of the format. Quantize before [`Linear::into_batched_layout`] (which then leaves
-    /// the layer as it is).
+    /// Quantizes the weight to `format` in place of the f32 (or bf16) weight, whatever its
+    /// layout; the bias stays as it is. Returns the layer with its weight as rows, and false,
+    /// when its rows do not split into whole blocks of the format.
     pub fn quantized(self, format: WeightQuantization) -> Result<(Self, bool)> {
-        if !matches!(self.layout, WeightLayout::Rows) {
-            return Err(EngineError::Internal(
-                "layers are quantized before they change layout".into(),
-            ));
-        }
-        let (out_dim, in_dim) = self.weight.dims2()?;
+        let this = self.into_rows()?;
+        let (out_dim, in_dim) = this.weight.dims2()?;
         if !format.fits(in_dim) {
-            return Ok((self, false));
+            return Ok((this, false));
         }
-        let qtensor = QTensor::quantize(&self.weight.to_dtype(DType::F32)?, format.ggml())?;
+        let qtensor = QTensor::quantize(&this.weight.to_dtype(DType::F32)?, format.ggml())?;
         let matmul = QMatMul::from_qtensor(qtensor)?;
-        let empty = Tensor::zeros(0, self.weight.dtype(), self.weight.device())?;
+        let empty = Tensor::zeros(0, this.weight.dtype(), this.weight.device())?;
         Ok((
             Self {
                 weight: empty,
-                bias: self.bias,
+                bias: this.bias,
                 layout: WeightLayout::Quantized { matmul, out_dim },
             },
             true,
         ))
+    }
+
+    /// The same layer with its weight as rows `[out, in]` again.
+    fn into_rows(self) -> Result<Self> {
+        let weight = match &self.layout {
+            WeightLayout::Rows => return Ok(self),
+            WeightLayout::Transposed => self.weight.t()?.contiguous()?,
+            &WeightLayout::Panels { out_dim } => {
+                let packed: Vec<f32> = self.weight.to_vec1()?;
+                let in_dim = cpu_gemm::packed_inputs(packed.len(), out_dim);
+                let rows = cpu_gemm::unpack(&packed, out_dim, in_dim);
+                Tensor::from_vec(rows, (out_dim, in_dim), self.weight.device())?
+            }
+            WeightLayout::Quantized { .. } => {
+                return Err(EngineError::Internal(
+                    "the layer is quantized already".into(),
+                ))
+            }
+        };
+        Ok(Self {
+            weight,
+            bias: self.bias,
+            layout: WeightLayout::Rows,
+        })
     }
 
     /// Whether the weight is quantized.

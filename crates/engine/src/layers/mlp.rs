@@ -43,9 +43,12 @@ impl GatedMlp {
     ) -> Result<Self> {
         let gate = Linear::load(vb.pp(gate), hidden_size, intermediate_size, false)?;
         let up = Linear::load(vb.pp(up), hidden_size, intermediate_size, false)?;
+        // Packed panels on CPU: the same GEMM serves decode steps (a row at a time, reading each
+        // weight once) and prefill (thousands of rows), with no packing per call.
         Ok(Self {
-            gate_up: Linear::fused(&[gate, up])?,
-            down: Linear::load(vb.pp(down), intermediate_size, hidden_size, false)?,
+            gate_up: Linear::fused(&[gate, up])?.into_batched_layout()?,
+            down: Linear::load(vb.pp(down), intermediate_size, hidden_size, false)?
+                .into_batched_layout()?,
             activation,
             intermediate_size,
             span: tracing::span!(tracing::Level::TRACE, "mlp"),

@@ -158,9 +158,11 @@ impl MistralAttention {
         let q_proj = Linear::load(vb.pp("q_proj"), hidden, heads * head_dim, false)?;
         let k_proj = Linear::load(vb.pp("k_proj"), hidden, kv_heads * head_dim, false)?;
         let v_proj = Linear::load(vb.pp("v_proj"), hidden, kv_heads * head_dim, false)?;
+        // Packed panels on CPU, as the MLP's (see GatedMlp::load_named).
         Ok(Self {
-            qkv_proj: Linear::fused(&[q_proj, k_proj, v_proj])?,
-            o_proj: Linear::load(vb.pp("o_proj"), heads * head_dim, hidden, false)?,
+            qkv_proj: Linear::fused(&[q_proj, k_proj, v_proj])?.into_batched_layout()?,
+            o_proj: Linear::load(vb.pp("o_proj"), heads * head_dim, hidden, false)?
+                .into_batched_layout()?,
             attention: Attention::new(config.attention()),
             num_heads: heads,
             num_kv_heads: kv_heads,
@@ -414,7 +416,9 @@ impl MistralForCausalLM {
     ) -> Result<Self> {
         let model = MistralModel::load(vb.pp("model"), config, experts)?;
         let lm_head = if config.tie_word_embeddings {
-            Linear::from_weight(model.embeddings().clone())
+            // The tied head's panels are a second copy of the embeddings, which the token lookup
+            // reads as rows.
+            Linear::from_weight(model.embeddings().clone()).into_batched_layout()?
         } else {
             Linear::load(
                 vb.pp("lm_head"),
@@ -422,6 +426,7 @@ impl MistralForCausalLM {
                 config.vocab_size,
                 false,
             )?
+            .into_batched_layout()?
         };
         Ok(Self { model, lm_head })
     }

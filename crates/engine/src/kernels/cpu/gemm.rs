@@ -3,12 +3,13 @@
 //!
 //! candle's GEMM runs 256-bit FMA kernels on CPUs that have 512-bit ones, packs the weight on
 //! every call, and adds the bias in a pass of its own. An encoder layer multiplies a few dozen
-//! to a few thousand rows by small weights, so these costs show. Here the weight is packed once
-//! at load ([`pack`], through [`crate::layers::Linear::into_batched_layout`]) into panels of 32
-//! output columns, each `[k, 32]` and contiguous, so that the kernel streams it in order: a
-//! 12-row by 32-column tile of outputs lives in 24 registers while it accumulates over `k`, each
-//! step loading two weight vectors and broadcasting twelve inputs, and the bias seeds the
-//! accumulators (the last rows go through 4- and 1-row tiles). Without AVX-512 the same scheme
+//! to a few thousand rows by small weights, so these costs show; decoders run it too, for decode
+//! steps (a few rows, every weight read once, in order) and prefill alike. Here the weight is packed once
+//! at load ([`pack`], through [`crate::layers::Linear::into_batched_layout`]) into panels of 64
+//! output columns, each `[k, 64]` and contiguous, so that the kernel streams it in order: a
+//! 6-row by 64-column tile of outputs lives in 24 registers while it accumulates over `k`, each
+//! step loading four weight vectors and broadcasting six inputs, and the bias seeds the
+//! accumulators (the last rows go through 2- and 1-row tiles). Without AVX-512 the same scheme
 //! runs on 256-bit registers: panels of 16 columns and tiles of 6 rows (12 accumulators, two
 //! weight vectors and a broadcast input fill 15 of the 16 registers). The rows come in blocks
 //! that stay in cache while every panel passes them; blocks by panels are split across the
@@ -31,17 +32,18 @@ const ROW_BLOCK: usize = 96;
 /// The instructions the kernel runs on, best first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kernel {
-    /// 512-bit registers: panels of 32 columns.
+    /// 512-bit registers: panels of 64 columns.
     Avx512,
     /// 256-bit registers with FMA: panels of 16 columns.
     Avx2,
 }
 
 impl Kernel {
-    /// Output columns per register tile and per packed panel: two vectors.
+    /// Output columns per register tile and per packed panel: four vectors with AVX-512, two
+    /// with AVX2.
     const fn panel_columns(self) -> usize {
         match self {
-            Self::Avx512 => 32,
+            Self::Avx512 => 64,
             Self::Avx2 => 16,
         }
     }
@@ -112,6 +114,26 @@ pub fn pack(w: &[f32], n: usize, k: usize) -> Vec<f32> {
             }
         });
     packed
+}
+
+/// The inputs per output of a [`pack`]ed weight of `n` outputs and `len` floats.
+pub fn packed_inputs(len: usize, n: usize) -> usize {
+    len / (n.div_ceil(panel_columns()) * panel_columns())
+}
+
+/// The weight `[n, k]` (row-major) that [`pack`] turned into `packed`.
+pub fn unpack(packed: &[f32], n: usize, k: usize) -> Vec<f32> {
+    assert_eq!(packed.len(), packed_len(n, k));
+    let columns = panel_columns();
+    let mut w = vec![0f32; n * k];
+    for (column, row) in w.chunks_exact_mut(k).enumerate() {
+        let (panel, lane) = (column / columns, column % columns);
+        let base = panel * k * columns + lane;
+        for (p, value) in row.iter_mut().enumerate() {
+            *value = packed[base + p * columns];
+        }
+    }
+    w
 }
 
 /// `x` is `[m, k]`, `packed` the [`pack`]ed weight of `n` outputs, `bias` is `[n]`; returns
@@ -186,13 +208,13 @@ mod x86 {
     ) {
         let first = index * PANEL_COLUMNS;
         let width = PANEL_COLUMNS.min(n - first);
-        let masks = [lanes(width.min(16)), lanes(width.saturating_sub(16))];
-        let seed = match bias {
-            Some(bias) => [
-                _mm512_maskz_loadu_ps(masks[0], bias.as_ptr().add(first)),
-                _mm512_maskz_loadu_ps(masks[1], bias.as_ptr().add(first + 16)),
-            ],
-            None => [_mm512_setzero_ps(); 2],
+        let masks: [__mmask16; 4] =
+            std::array::from_fn(|v| lanes(width.saturating_sub(16 * v).min(16)));
+        let seed: [__m512; 4] = match bias {
+            Some(bias) => std::array::from_fn(|v| {
+                _mm512_maskz_loadu_ps(masks[v], bias.as_ptr().wrapping_add(first + 16 * v))
+            }),
+            None => [_mm512_setzero_ps(); 4],
         };
         let panel = Panel {
             k,
@@ -204,15 +226,15 @@ mod x86 {
         let out = out.at(0, first).ptr();
         let x = x.as_ptr();
         let mut row = 0;
-        // Twelve rows at a time, then fours, then ones: every tile computes each output the
-        // same way, so the split does not change a bit.
-        while row + 12 <= m {
-            tile_12(&panel, x.add(row * k), out.add(row * n));
-            row += 12;
+        // Six rows at a time, then twos, then ones: every tile computes each output the same
+        // way, so the split does not change a bit.
+        while row + 6 <= m {
+            tile_6(&panel, x.add(row * k), out.add(row * n));
+            row += 6;
         }
-        while row + 4 <= m {
-            tile_4(&panel, x.add(row * k), out.add(row * n));
-            row += 4;
+        while row + 2 <= m {
+            tile_2(&panel, x.add(row * k), out.add(row * n));
+            row += 2;
         }
         while row < m {
             tile_1(&panel, x.add(row * k), out.add(row * n));
@@ -223,14 +245,14 @@ mod x86 {
     /// One packed panel and where its outputs go.
     struct Panel {
         k: usize,
-        /// The panel's `[k, 32]` weights.
+        /// The panel's `[k, 64]` weights.
         w: *const f32,
         /// Stride of the output rows.
         n: usize,
-        /// The panel's columns that exist (all but in the last panel).
-        masks: [__mmask16; 2],
+        /// The panel's columns that exist (all but in the last panel), per vector.
+        masks: [__mmask16; 4],
         /// The accumulators' start: the bias, or zeros.
-        seed: [__m512; 2],
+        seed: [__m512; 4],
     }
 
     fn lanes(count: usize) -> __mmask16 {
@@ -238,25 +260,36 @@ mod x86 {
     }
 
     /// Defines a tile function over the listed rows of `x` (row-major with `panel.k` columns)
-    /// against the panel, storing them at `out`. The accumulators are named one by one so that
-    /// they stay in registers whatever the optimisation level, and the loop advances pointers
-    /// rather than multiplying indexes.
+    /// against the panel, storing them at `out`. Each row keeps four accumulators (64 columns),
+    /// so one broadcast input feeds four FMAs: broadcasts take a vector port on some CPUs, and
+    /// at one per two FMAs they held the kernel to two thirds of its FMA rate. The accumulators
+    /// are named one by one so that they stay in registers whatever the optimisation level,
+    /// and the loop advances pointers rather than multiplying indexes.
     macro_rules! tile {
-        ($name:ident: $(($row:literal, $a0:ident, $a1:ident)),*) => {
+        ($name:ident: $(($row:literal, $a0:ident, $a1:ident, $a2:ident, $a3:ident)),*) => {
             #[target_feature(enable = "avx512f")]
             unsafe fn $name(panel: &Panel, x: *const f32, out: *mut f32) {
                 let (k, n) = (panel.k, panel.n);
-                let [mask0, mask1] = panel.masks;
-                $(let mut $a0 = panel.seed[0]; let mut $a1 = panel.seed[1];)*
+                let [mask0, mask1, mask2, mask3] = panel.masks;
+                $(
+                    let mut $a0 = panel.seed[0];
+                    let mut $a1 = panel.seed[1];
+                    let mut $a2 = panel.seed[2];
+                    let mut $a3 = panel.seed[3];
+                )*
                 let mut w = panel.w;
                 let mut xp = x;
                 for _ in 0..k {
                     let w0 = _mm512_loadu_ps(w);
                     let w1 = _mm512_loadu_ps(w.add(16));
+                    let w2 = _mm512_loadu_ps(w.add(32));
+                    let w3 = _mm512_loadu_ps(w.add(48));
                     $(
                         let a = _mm512_set1_ps(*xp.add($row * k));
                         $a0 = _mm512_fmadd_ps(a, w0, $a0);
                         $a1 = _mm512_fmadd_ps(a, w1, $a1);
+                        $a2 = _mm512_fmadd_ps(a, w2, $a2);
+                        $a3 = _mm512_fmadd_ps(a, w3, $a3);
                     )*
                     w = w.add(PANEL_COLUMNS);
                     xp = xp.add(1);
@@ -264,28 +297,24 @@ mod x86 {
                 $(
                     let o = out.add($row * n);
                     _mm512_mask_storeu_ps(o, mask0, $a0);
-                    _mm512_mask_storeu_ps(o.add(16), mask1, $a1);
+                    _mm512_mask_storeu_ps(o.wrapping_add(16), mask1, $a1);
+                    _mm512_mask_storeu_ps(o.wrapping_add(32), mask2, $a2);
+                    _mm512_mask_storeu_ps(o.wrapping_add(48), mask3, $a3);
                 )*
             }
         };
     }
 
-    tile!(tile_12:
-        (0, a0, b0),
-        (1, a1, b1),
-        (2, a2, b2),
-        (3, a3, b3),
-        (4, a4, b4),
-        (5, a5, b5),
-        (6, a6, b6),
-        (7, a7, b7),
-        (8, a8, b8),
-        (9, a9, b9),
-        (10, a10, b10),
-        (11, a11, b11)
+    tile!(tile_6:
+        (0, a0, b0, c0, d0),
+        (1, a1, b1, c1, d1),
+        (2, a2, b2, c2, d2),
+        (3, a3, b3, c3, d3),
+        (4, a4, b4, c4, d4),
+        (5, a5, b5, c5, d5)
     );
-    tile!(tile_4: (0, a0, b0), (1, a1, b1), (2, a2, b2), (3, a3, b3));
-    tile!(tile_1: (0, a0, b0));
+    tile!(tile_2: (0, a0, b0, c0, d0), (1, a1, b1, c1, d1));
+    tile!(tile_1: (0, a0, b0, c0, d0));
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -498,5 +527,20 @@ mod tests {
             let alone = matmul_bias(&x[row * k..(row + 1) * k], 1, &packed, k, n, Some(&bias));
             assert_eq!(&together[row * n..(row + 1) * n], &alone[..], "row {row}");
         }
+    }
+}
+
+#[cfg(test)]
+mod layout_tests {
+    #[test]
+    fn unpack_inverts_pack_for_partial_panels() {
+        if !super::available() {
+            return;
+        }
+        let (n, k) = (70, 5);
+        let w: Vec<f32> = (0..n * k).map(|i| i as f32).collect();
+        let packed = super::pack(&w, n, k);
+        assert_eq!(super::packed_inputs(packed.len(), n), k);
+        assert_eq!(super::unpack(&packed, n, k), w);
     }
 }
