@@ -30,6 +30,14 @@ pub struct SchedulerConfig {
     pub request_timeout: Option<Duration>,
 }
 
+/// The fewest leading tokens a new prompt must share with one being prefilled to wait for its
+/// state rather than compute them too.
+const PREFIX_WAIT_MIN_TOKENS: usize = 64;
+
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
 /// What a request's receiver gets.
 #[derive(Debug)]
 pub enum Event {
@@ -299,11 +307,18 @@ impl EngineLoop {
                 Err(_) => return false,
             };
         }
+        // Requests that wait for a running prompt's state (see `should_wait_for_prefix`) keep
+        // their place at the front of the queue.
+        let mut deferred = Vec::new();
         while self.generator.free_slots() > 0 {
             let Some(pending) = queue.waiting.pop_front() else {
                 break;
             };
             if pending.events.is_closed() {
+                continue;
+            }
+            if self.should_wait_for_prefix(&pending.request.prompt) {
+                deferred.push(pending);
                 continue;
             }
             match self.start(&pending) {
@@ -313,12 +328,34 @@ impl EngineLoop {
                 }
             }
         }
+        for pending in deferred.into_iter().rev() {
+            queue.waiting.push_front(pending);
+        }
         self.shared
             .stats
             .waiting
             .store(queue.waiting.len(), Ordering::Relaxed);
         metrics::gauge!("candlewick_queue_depth").set(queue.waiting.len() as f64);
         true
+    }
+
+    /// Whether `prompt` should wait for a prompt still being prefilled to finish: it shares at
+    /// least [`PREFIX_WAIT_MIN_TOKENS`] leading tokens with it, more than the prefix cache holds
+    /// for it now. Started together, both would compute the shared part; started after, it reuses
+    /// it (a burst of chats with one system prompt). The wait lasts until that prefill ends.
+    fn should_wait_for_prefix(&self, prompt: &[u32]) -> bool {
+        if self.generator.prefix_cache_stats().is_none() {
+            return false;
+        }
+        let shared = self
+            .active
+            .iter()
+            .filter(|active| !active.decoding())
+            .map(|active| common_prefix(&active.prompt, prompt))
+            .max()
+            .unwrap_or(0)
+            .min(prompt.len().saturating_sub(1));
+        shared >= PREFIX_WAIT_MIN_TOKENS && shared > self.generator.cached_prefix_len(prompt)
     }
 
     fn start(&mut self, pending: &Pending) -> Result<Active> {

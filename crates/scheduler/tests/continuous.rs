@@ -178,6 +178,32 @@ fn requests_sharing_a_prefix_start_from_it_and_get_their_greedy_reference() {
 }
 
 #[test]
+fn a_burst_sharing_a_system_prompt_waits_for_its_state_and_reuses_it() {
+    // Six chats with one 80-token system prompt arrive together: the first computes it, the
+    // others wait for its state instead of computing it beside it, then reuse it.
+    let name = "nowin-gqa4";
+    let system: Vec<u32> = (0..80).map(|i| 3 + (i * 53) % 1000).collect();
+    let prompts: Vec<Vec<u32>> = (0..6u32)
+        .map(|r| [system.clone(), vec![7 + r, 20 + r, 400 + r]].concat())
+        .collect();
+    let (plain, _) = scheduler(name, 4, limits());
+    let expected: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| collect(plain.submit(greedy(p, 8)).unwrap()).0)
+        .collect();
+    let (cached, _) = scheduler_with_cache(name, 4, limits(), 16 << 20);
+    let receivers: Vec<_> = prompts
+        .iter()
+        .map(|p| cached.submit(greedy(p, 8)).unwrap())
+        .collect();
+    for (i, receiver) in receivers.into_iter().enumerate() {
+        assert_eq!(collect(receiver).0, expected[i], "chat {i}");
+    }
+    assert_eq!(cached.stats().prefix_cache_hits(), 5);
+    assert!(cached.stats().prefix_cache_reused_tokens() >= 5 * 80);
+}
+
+#[test]
 fn long_prompts_are_prefilled_in_chunks_within_the_token_budget() {
     let reference = reference("w4-gqa1");
     let config = SchedulerConfig {

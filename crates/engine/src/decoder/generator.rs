@@ -120,6 +120,13 @@ impl Generator {
         self.prefix_cache.as_ref().map(PrefixCache::stats)
     }
 
+    /// How many of `prompt`'s positions the prefix cache would restore now (0 with it off).
+    pub fn cached_prefix_len(&self, prompt: &[u32]) -> usize {
+        self.prefix_cache
+            .as_ref()
+            .map_or(0, |cache| cache.peek(prompt))
+    }
+
     /// Starts the freshly allocated sequence in `slot` from the longest cached prefix of
     /// `prompt`: returns how many of its positions were restored (at most `prompt.len() - 1`;
     /// 0 without a hit, or with prefix caching off). The caller prefills the rest.

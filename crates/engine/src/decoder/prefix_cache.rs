@@ -87,6 +87,20 @@ impl PrefixCache {
         }
     }
 
+    /// How many of `prompt`'s positions a lookup would restore now, without counting a lookup.
+    pub fn peek(&self, prompt: &[u32]) -> usize {
+        let limit = prompt.len().saturating_sub(1);
+        self.entries
+            .iter()
+            .map(|entry| {
+                entry
+                    .snapshot
+                    .usable(common_prefix(&entry.tokens, prompt).min(limit))
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Whether a snapshot after `prompt` would add anything: false when an entry already
     /// serves every prefix of it.
     pub fn wants(&self, prompt: &[u32]) -> bool {
