@@ -2,7 +2,8 @@
 //! and greedy generations, on the fixtures made by tests/fixtures/make_mistral_fixtures.py and
 //! make_mixtral_fixtures.py.
 
-use std::path::{Path, PathBuf};
+mod common;
+use common::{argmax, fixture_dir};
 
 use candle_core::{Device, Tensor};
 use candlewick_engine::{
@@ -46,12 +47,6 @@ struct GreedyReference {
     prompts: Vec<Vec<u32>>,
     alone: Vec<Vec<u32>>,
     batched: Vec<Vec<u32>>,
-}
-
-fn fixture_dir(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures")
-        .join(name)
 }
 
 fn reference(name: &str) -> Reference {
@@ -265,16 +260,6 @@ fn a_long_batch_prefilled_at_once_matches_it_fed_token_by_token() {
         assert!(largest <= LOGITS_TOLERANCE, "{fixture}: {largest}");
         assert_eq!(at_once.iter().flatten().count(), 180);
     }
-}
-
-fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in logits.iter().enumerate() {
-        if v > logits[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
 
 /// Greedy generation of all `prompts` together, each stopping at EOS or `max_new_tokens`.

@@ -25,6 +25,9 @@
 //!
 //! CANDLEWICK_ENCODER_FIXTURES points the test at another fixtures tree.
 
+mod common;
+use common::argmax;
+
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
@@ -504,16 +507,6 @@ fn check_positioned(
 struct Generation {
     prompt_ids: Vec<u32>,
     generated_ids: Vec<u32>,
-}
-
-fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in logits.iter().enumerate() {
-        if v > logits[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
 
 /// Greedy generation of exactly `new_tokens` tokens for all `prompts` together.

@@ -3,7 +3,8 @@
 //! sliding window whose ring has wrapped only a whole cached prompt is reused; an evicted prefix
 //! is recomputed, correctly.
 
-use std::path::{Path, PathBuf};
+mod common;
+use common::{argmax, fixture_dir};
 
 use candlewick_engine::StepRow;
 use candlewick_engine::{load_generator, Generator, GeneratorConfig, LoadOptions, ModelSource};
@@ -12,12 +13,6 @@ use candlewick_engine::{load_generator, Generator, GeneratorConfig, LoadOptions,
 /// (and batches): their logits agree to float rounding, measured up to 6.9e-6 on the CPU kernels
 /// and 1.5e-5 on the device-generic path. Bound: the parity tolerance.
 const TOLERANCE: f32 = 1e-4;
-
-fn fixture_dir(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures")
-        .join(name)
-}
 
 fn generator(name: &str, prefix_cache_bytes: usize) -> Generator {
     let options = LoadOptions {
@@ -31,16 +26,6 @@ fn generator(name: &str, prefix_cache_bytes: usize) -> Generator {
     load_generator(&ModelSource::Dir(fixture_dir(name)), &options)
         .unwrap()
         .generator
-}
-
-fn argmax(row: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in row.iter().enumerate() {
-        if v > row[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
 
 /// Greedy decoding of `steps` tokens after each prompt, all together; every logits row seen

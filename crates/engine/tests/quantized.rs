@@ -7,6 +7,9 @@
 //! 32-weight blocks); q4k needs rows of a multiple of 256, so it runs on a model made here with
 //! random weights and the fixture's tokenizer.
 
+mod common;
+use common::{argmax, fixture_dir};
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -16,27 +19,11 @@ use candlewick_engine::{
     WeightQuantization,
 };
 
-fn fixture_dir(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures")
-        .join(name)
-}
-
 /// Prompts of the fixture's greedy reference.
 fn prompts(dir: &Path) -> Vec<Vec<u32>> {
     let text = std::fs::read_to_string(dir.join("reference.json")).unwrap();
     let reference: serde_json::Value = serde_json::from_str(&text).unwrap();
     serde_json::from_value(reference["greedy"]["prompts"].clone()).unwrap()
-}
-
-fn argmax(row: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in row.iter().enumerate() {
-        if v > row[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
 
 /// Each step's logits for `prompt` followed by `continuation` (the prefill's last logits, then

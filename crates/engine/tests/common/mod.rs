@@ -1,0 +1,24 @@
+//! Helpers the engine's integration tests share.
+
+// Every test crate compiles this module and uses some of it.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+/// The committed fixture `name` (a path under tests/fixtures, e.g. "mistral/w8-gqa2").
+pub fn fixture_dir(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures")
+        .join(name)
+}
+
+/// The index of the largest logit, the lowest index among equals (greedy decoding).
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in logits.iter().enumerate() {
+        if v > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
