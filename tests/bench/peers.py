@@ -258,26 +258,27 @@ def main():
     expected = reference.generate(check_prompt, 16)[0]
     rows[reference.name] = measure(reference, batch_sizes, args.prompt_len, args.new_tokens)
 
-    for compute_type in ("float32", "int8_float32"):
+    # (name, how to start it, whether its greedy tokens are checked against transformers')
+    context = args.prompt_len + args.new_tokens + 2
+    peers = [
+        (f"CTranslate2 {compute_type}",
+         lambda compute_type=compute_type: CTranslate2(args.model_dir, args.threads, compute_type),
+         compute_type == "float32")
+        for compute_type in ("float32", "int8_float32")
+    ] + [
+        (f"llama.cpp {outtype}",
+         lambda outtype=outtype: LlamaCpp(args.model_dir, args.threads, outtype, args.llama_cpp_src,
+                                          max(batch_sizes), context),
+         outtype == "f32")
+        for outtype in ("f32", "q8_0")
+    ]
+    for name, start, checked in peers:
         try:
-            engine = CTranslate2(args.model_dir, args.threads, compute_type)
+            engine = start()
         except Exception as error:  # the reason is printed, never dropped
-            skipped[f"CTranslate2 {compute_type}"] = f"{type(error).__name__}: {error}"
+            skipped[name] = f"{type(error).__name__}: {error}"
             continue
-        if compute_type == "float32":
-            got = engine.generate(check_prompt, 16)[0]
-            checks[engine.name] = "greedy = transformers" if got == expected else f"greedy differs: {got} vs {expected}"
-        rows[engine.name] = measure(engine, batch_sizes, args.prompt_len, args.new_tokens)
-        del engine
-
-    for outtype in ("f32", "q8_0"):
-        try:
-            engine = LlamaCpp(args.model_dir, args.threads, outtype, args.llama_cpp_src, max(batch_sizes),
-                              args.prompt_len + args.new_tokens + 2)
-        except Exception as error:
-            skipped[f"llama.cpp {outtype}"] = f"{type(error).__name__}: {error}"
-            continue
-        if outtype == "f32":
+        if checked:
             got = engine.generate(check_prompt, 16)[0]
             checks[engine.name] = "greedy = transformers" if got == expected else f"greedy differs: {got} vs {expected}"
         rows[engine.name] = measure(engine, batch_sizes, args.prompt_len, args.new_tokens)

@@ -3,7 +3,7 @@
 //! make_mixtral_fixtures.py.
 
 mod common;
-use common::{argmax, fixture_dir};
+use common::{argmax, fixture_dir, prefill_new};
 
 use candle_core::{Device, Tensor};
 use candlewick_engine::{
@@ -160,36 +160,7 @@ fn logits_match_when_prompts_are_fed_in_chunks_through_the_ring() {
         let prompts = unpadded(&reference.logits);
         for chunk in [1, 3, 5] {
             let LoadedGenerator { mut generator, .. } = load(fixture, prompts.len(), 512);
-            let slots: Vec<usize> = prompts
-                .iter()
-                .map(|_| generator.allocate().unwrap())
-                .collect();
-            let mut actual: Vec<Vec<Vec<f32>>> = vec![vec![]; prompts.len()];
-            let mut offset = 0;
-            while prompts.iter().any(|p| offset < p.len()) {
-                let (rows, indexes): (Vec<StepRow>, Vec<usize>) = prompts
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, p)| offset < p.len())
-                    .map(|(i, p)| {
-                        let end = (offset + chunk).min(p.len());
-                        (
-                            StepRow {
-                                slot: slots[i],
-                                tokens: &p[offset..end],
-                            },
-                            i,
-                        )
-                    })
-                    .unzip();
-                let logits = generator.step(&rows, LogitsMode::All).unwrap();
-                let seq = logits.dim(1).unwrap();
-                for (b, (row, &i)) in rows.iter().zip(&indexes).enumerate() {
-                    let all: Vec<Vec<f32>> = logits.get(b).unwrap().to_vec2().unwrap();
-                    actual[i].extend_from_slice(&all[seq - row.tokens.len()..]);
-                }
-                offset += chunk;
-            }
+            let actual = logits_in_chunks(&mut generator, &prompts, chunk);
             for (row, logits) in actual.iter().enumerate() {
                 assert_row_close(
                     &format!("{fixture} (chunks of {chunk})"),
@@ -202,7 +173,8 @@ fn logits_match_when_prompts_are_fed_in_chunks_through_the_ring() {
     }
 }
 
-/// Every position's logits of `prompts` run through `generator` in steps of `chunk` tokens.
+/// Every position's logits of `prompts` run through `generator` in steps of `chunk` tokens
+/// (rows whose prompt has ended leave the step).
 fn logits_in_chunks(
     generator: &mut candlewick_engine::Generator,
     prompts: &[Vec<u32>],
@@ -215,19 +187,24 @@ fn logits_in_chunks(
     let mut actual: Vec<Vec<Vec<f32>>> = vec![vec![]; prompts.len()];
     let mut offset = 0;
     while prompts.iter().any(|p| offset < p.len()) {
-        let rows: Vec<StepRow> = prompts
+        let (rows, indexes): (Vec<StepRow>, Vec<usize>) = prompts
             .iter()
-            .zip(&slots)
-            .map(|(p, &slot)| StepRow {
-                slot,
-                tokens: &p[offset..(offset + chunk).min(p.len())],
+            .enumerate()
+            .filter(|(_, p)| offset < p.len())
+            .map(|(i, p)| {
+                let end = (offset + chunk).min(p.len());
+                let row = StepRow {
+                    slot: slots[i],
+                    tokens: &p[offset..end],
+                };
+                (row, i)
             })
-            .collect();
+            .unzip();
         let logits = generator.step(&rows, LogitsMode::All).unwrap();
         let seq = logits.dim(1).unwrap();
-        for (b, row) in rows.iter().enumerate() {
+        for (b, (row, &i)) in rows.iter().zip(&indexes).enumerate() {
             let all: Vec<Vec<f32>> = logits.get(b).unwrap().to_vec2().unwrap();
-            actual[b].extend_from_slice(&all[seq - row.tokens.len()..]);
+            actual[i].extend_from_slice(&all[seq - row.tokens.len()..]);
         }
         offset += chunk;
     }
@@ -237,9 +214,9 @@ fn logits_in_chunks(
     actual
 }
 
-/// Prefill-sized products (more rows than a decode step) run through another matmul than decode
-/// steps do: a long batch prefilled at once gives the logits of the same tokens fed one at a
-/// time, at every position.
+/// A long batch prefilled at once (180 rows in every product, where decode steps have 3, and
+/// attention over whole prompts) gives the logits of the same tokens fed one at a time, at every
+/// position.
 #[test]
 fn a_long_batch_prefilled_at_once_matches_it_fed_token_by_token() {
     for fixture in ["mistral/nowin-gqa4", "mixtral/e8-nowin-gqa4"] {
@@ -270,16 +247,7 @@ fn greedy(
 ) -> Vec<Vec<u32>> {
     let eos = loaded.tokenizer.eos_token_ids().to_vec();
     let generator = &mut loaded.generator;
-    let slots: Vec<usize> = prompts
-        .iter()
-        .map(|_| generator.allocate().unwrap())
-        .collect();
-    let rows: Vec<StepRow> = slots
-        .iter()
-        .zip(prompts)
-        .map(|(&slot, p)| StepRow { slot, tokens: p })
-        .collect();
-    let mut logits = generator.prefill(&rows).unwrap();
+    let (slots, mut logits) = prefill_new(generator, prompts);
     let mut outputs = vec![Vec::new(); prompts.len()];
     let mut running: Vec<usize> = (0..prompts.len()).collect();
     while !running.is_empty() {

@@ -26,7 +26,7 @@
 //! CANDLEWICK_ENCODER_FIXTURES points the test at another fixtures tree.
 
 mod common;
-use common::argmax;
+use common::{argmax, prefill_new};
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -512,16 +512,7 @@ struct Generation {
 /// Greedy generation of exactly `new_tokens` tokens for all `prompts` together.
 fn greedy(loaded: &mut LoadedGenerator, prompts: &[Vec<u32>], new_tokens: usize) -> Vec<Vec<u32>> {
     let generator = &mut loaded.generator;
-    let slots: Vec<usize> = prompts
-        .iter()
-        .map(|_| generator.allocate().unwrap())
-        .collect();
-    let rows: Vec<StepRow> = slots
-        .iter()
-        .zip(prompts)
-        .map(|(&slot, tokens)| StepRow { slot, tokens })
-        .collect();
-    let mut logits = generator.prefill(&rows).unwrap();
+    let (slots, mut logits) = prefill_new(generator, prompts);
     let mut outputs = vec![Vec::new(); prompts.len()];
     loop {
         let tokens: Vec<u32> = logits.iter().map(|row| argmax(row)).collect();

@@ -4,9 +4,8 @@
 //! is recomputed, correctly.
 
 mod common;
-use common::{argmax, fixture_dir};
+use common::{argmax, fixture_dir, prefill_new};
 
-use candlewick_engine::StepRow;
 use candlewick_engine::{load_generator, Generator, GeneratorConfig, LoadOptions, ModelSource};
 
 /// Prefix-restored and full prefills compute the same tokens' keys and values in other steps
@@ -35,18 +34,8 @@ fn greedy(
     prompts: &[&[u32]],
     steps: usize,
 ) -> Vec<(Vec<Vec<f32>>, Vec<u32>)> {
-    let slots: Vec<usize> = prompts
-        .iter()
-        .map(|_| generator.allocate().unwrap())
-        .collect();
-    let rows: Vec<StepRow> = slots
-        .iter()
-        .zip(prompts)
-        .map(|(&slot, &tokens)| StepRow { slot, tokens })
-        .collect();
-    let mut seen: Vec<(Vec<Vec<f32>>, Vec<u32>)> = generator
-        .prefill(&rows)
-        .unwrap()
+    let (slots, logits) = prefill_new(generator, prompts);
+    let mut seen: Vec<(Vec<Vec<f32>>, Vec<u32>)> = logits
         .into_iter()
         .map(|row| (vec![row], Vec::new()))
         .collect();

@@ -8,15 +8,14 @@
 //! random weights and the fixture's tokenizer.
 
 mod common;
-use common::{argmax, fixture_dir};
+use common::{argmax, fixture_dir, prefill_new};
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use candlewick_engine::{
-    load_generator, GeneratorConfig, LoadOptions, ModelSource, QuantizeOptions, StepRow,
-    WeightQuantization,
+    load_generator, GeneratorConfig, LoadOptions, ModelSource, QuantizeOptions, WeightQuantization,
 };
 
 /// Prompts of the fixture's greedy reference.
@@ -44,13 +43,8 @@ fn logits_along(
     };
     let mut loaded = load_generator(&ModelSource::Dir(dir.to_path_buf()), &options).unwrap();
     let generator = &mut loaded.generator;
-    let slot = generator.allocate().unwrap();
-    let mut rows = generator
-        .prefill(&[StepRow {
-            slot,
-            tokens: prompt,
-        }])
-        .unwrap();
+    let (slots, mut rows) = prefill_new(generator, &[prompt]);
+    let slot = slots[0];
     let mut steps = vec![rows.remove(0)];
     for &token in &continuation[..continuation.len() - 1] {
         steps.push(generator.decode(&[(slot, token)]).unwrap().remove(0));
@@ -63,14 +57,9 @@ fn greedy_f32(dir: &Path, prompt: &[u32], new_tokens: usize) -> Vec<u32> {
     let options = LoadOptions::default();
     let mut loaded = load_generator(&ModelSource::Dir(dir.to_path_buf()), &options).unwrap();
     let generator = &mut loaded.generator;
-    let slot = generator.allocate().unwrap();
-    let mut logits = generator
-        .prefill(&[StepRow {
-            slot,
-            tokens: prompt,
-        }])
-        .unwrap()
-        .remove(0);
+    let (slots, mut rows) = prefill_new(generator, &[prompt]);
+    let slot = slots[0];
+    let mut logits = rows.remove(0);
     let mut tokens = Vec::new();
     for _ in 0..new_tokens {
         let token = argmax(&logits);

@@ -8,6 +8,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use candlewick_engine::decoder::prefix_cache::common_prefix;
 use candlewick_engine::{Generator, LogitsMode, StepRow, Tokenizer};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
@@ -33,10 +34,6 @@ pub struct SchedulerConfig {
 /// The fewest leading tokens a new prompt must share with one being prefilled to wait for its
 /// state rather than compute them too.
 const PREFIX_WAIT_MIN_TOKENS: usize = 64;
-
-fn common_prefix(a: &[u32], b: &[u32]) -> usize {
-    a.iter().zip(b).take_while(|(x, y)| x == y).count()
-}
 
 /// What a request's receiver gets.
 #[derive(Debug)]

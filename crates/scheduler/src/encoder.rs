@@ -70,8 +70,6 @@ struct Shared {
 /// What the served encoder is, for the routes to check requests against.
 #[derive(Debug, Clone)]
 pub struct EncoderInfo {
-    /// The head's task.
-    pub task: EncoderTask,
     /// The labels of a classification head.
     pub labels: Option<Labels>,
     /// The longest sequence a request may send: the smaller of the model's position
@@ -87,12 +85,16 @@ impl EncoderInfo {
     /// What `model` is, with requests' sequences limited to `max_input_tokens`.
     pub fn of(model: &dyn EncoderModel, max_input_tokens: usize) -> Self {
         Self {
-            task: model.task(),
             labels: model.labels().cloned(),
             max_sequence_tokens: model.max_positions().min(max_input_tokens),
             hidden_size: model.hidden_size(),
             contract: model.contract(),
         }
+    }
+
+    /// The head's task.
+    pub fn task(&self) -> EncoderTask {
+        self.contract.task
     }
 }
 
@@ -367,9 +369,6 @@ mod tests {
     }
 
     impl EncoderModel for Summer {
-        fn task(&self) -> EncoderTask {
-            EncoderTask::SequenceClassification
-        }
         fn labels(&self) -> Option<&Labels> {
             None
         }
@@ -383,7 +382,7 @@ mod tests {
                     causal: false,
                     entities: None,
                 },
-                task: self.task(),
+                task: EncoderTask::SequenceClassification,
                 has_pooler: false,
             }
         }

@@ -10,7 +10,7 @@ use serde::Deserialize;
 
 use crate::routes::RouterOptions;
 use crate::state::Pooling;
-use candlewick_engine::{QuantizeOptions, WeightQuantization};
+use candlewick_engine::QuantizeOptions;
 
 /// Why the settings cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -425,15 +425,11 @@ impl Settings {
             device: partial.device.unwrap_or_else(|| "cpu".into()),
             dtype: partial.dtype,
             quantize: match partial.quantize.as_deref() {
-                None | Some("none") => None,
-                Some(name) => Some(QuantizeOptions {
-                    format: WeightQuantization::parse(name).ok_or_else(|| {
-                        ConfigError::InvalidLimit(format!(
-                            "quantize must be q8_0, q4k or none, got {name:?}"
-                        ))
-                    })?,
-                    lm_head: partial.quantize_lm_head.unwrap_or(true),
-                }),
+                None => None,
+                Some(name) => {
+                    QuantizeOptions::parse(name, partial.quantize_lm_head.unwrap_or(true))
+                        .map_err(ConfigError::InvalidLimit)?
+                }
             },
             max_running: partial.max_running.unwrap_or(16),
             max_waiting: partial.max_waiting.unwrap_or(64),

@@ -6,7 +6,7 @@ use std::io::IsTerminal;
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Device};
-use candlewick_engine::{ModelSource, QuantizeOptions, WeightQuantization};
+use candlewick_engine::{ModelSource, QuantizeOptions};
 use clap::{Parser, Subcommand};
 
 use cli::{bench, classify, generate, serve};
@@ -82,14 +82,9 @@ impl ModelArgs {
 
     pub fn quantize(&self) -> Result<Option<QuantizeOptions>> {
         match self.quantize.as_deref() {
-            None | Some("none") => Ok(None),
-            Some(name) => match WeightQuantization::parse(name) {
-                Some(format) => Ok(Some(QuantizeOptions {
-                    format,
-                    lm_head: self.quantize_lm_head,
-                })),
-                None => bail!("--quantize {name}: expected q8_0, q4k or none"),
-            },
+            None => Ok(None),
+            Some(name) => QuantizeOptions::parse(name, self.quantize_lm_head)
+                .map_err(|message| anyhow::anyhow!("--quantize: {message}")),
         }
     }
 

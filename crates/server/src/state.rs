@@ -125,7 +125,7 @@ impl AppState {
     pub fn task(&self) -> &'static str {
         match &self.engine {
             Engine::Generator { .. } => "text-generation",
-            Engine::Encoder { scheduler, .. } => scheduler.info().task.name(),
+            Engine::Encoder { scheduler, .. } => scheduler.info().task().name(),
         }
     }
 
@@ -154,7 +154,7 @@ impl AppState {
                 scheduler,
                 pipeline_tokenizer,
                 ..
-            } if scheduler.info().task.name() == task => Ok((scheduler, pipeline_tokenizer)),
+            } if scheduler.info().task().name() == task => Ok((scheduler, pipeline_tokenizer)),
             _ => Err(self.wrong_task(task)),
         }
     }

@@ -58,11 +58,11 @@ impl PrefixCache {
     }
 
     /// The entry to start `prompt` from and how many of its positions to restore: the longest
-    /// usable prefix over every entry, at most `prompt.len() - 1`. Counts a hit or a miss.
-    pub fn lookup(&mut self, prompt: &[u32]) -> Option<(&Snapshot, usize)> {
+    /// usable prefix over every entry, at most `prompt.len() - 1`, the most recently used entry
+    /// among equals.
+    fn best(&self, prompt: &[u32]) -> Option<(usize, usize)> {
         let limit = prompt.len().saturating_sub(1);
-        let best = self
-            .entries
+        self.entries
             .iter()
             .enumerate()
             .map(|(index, entry)| {
@@ -70,8 +70,13 @@ impl PrefixCache {
                 (index, entry.snapshot.usable(common))
             })
             .filter(|&(_, usable)| usable > 0)
-            .max_by_key(|&(index, usable)| (usable, self.entries[index].last_used));
-        match best {
+            .max_by_key(|&(index, usable)| (usable, self.entries[index].last_used))
+    }
+
+    /// The snapshot to start `prompt` from and how many of its positions to restore (see
+    /// [`PrefixCache::peek`]). Counts a hit or a miss.
+    pub fn lookup(&mut self, prompt: &[u32]) -> Option<(&Snapshot, usize)> {
+        match self.best(prompt) {
             Some((index, usable)) => {
                 self.clock += 1;
                 self.stats.hits += 1;
@@ -87,18 +92,10 @@ impl PrefixCache {
         }
     }
 
-    /// How many of `prompt`'s positions a lookup would restore now, without counting a lookup.
+    /// How many of `prompt`'s positions a lookup would restore now: the longest usable prefix
+    /// over every entry, at most `prompt.len() - 1`. Counts nothing.
     pub fn peek(&self, prompt: &[u32]) -> usize {
-        let limit = prompt.len().saturating_sub(1);
-        self.entries
-            .iter()
-            .map(|entry| {
-                entry
-                    .snapshot
-                    .usable(common_prefix(&entry.tokens, prompt).min(limit))
-            })
-            .max()
-            .unwrap_or(0)
+        self.best(prompt).map_or(0, |(_, usable)| usable)
     }
 
     /// Whether a snapshot after `prompt` would add anything: false when an entry already
@@ -153,6 +150,7 @@ impl PrefixCache {
     }
 }
 
-fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+/// How many leading tokens `a` and `b` share.
+pub fn common_prefix(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }

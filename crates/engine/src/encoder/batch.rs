@@ -405,15 +405,20 @@ pub(crate) mod tests {
         entities: None,
     };
 
-    #[test]
-    fn padding_is_masked_and_real_tokens_are_indexed() {
-        let batch = PaddedBatch::new(
+    /// Two sequences of 3 and 1 tokens, padded under [`LIMITS`].
+    pub(crate) fn three_and_one() -> PaddedBatch {
+        PaddedBatch::new(
             &[input(&[1, 2, 3]), input(&[4])],
             &LIMITS,
             DType::F32,
             &Device::Cpu,
         )
-        .unwrap();
+        .unwrap()
+    }
+
+    #[test]
+    fn padding_is_masked_and_real_tokens_are_indexed() {
+        let batch = three_and_one();
         let mask: Vec<f32> = batch
             .attention_mask
             .flatten_all()

@@ -3,6 +3,8 @@
 //! QuestionAnswering, MaskedLM, MultipleChoice, NextSentencePrediction}` and the base model;
 //! their weight names are the same in every BERT-family model.
 
+use std::collections::HashMap;
+
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::VarBuilder;
 
@@ -60,7 +62,7 @@ impl Pooler {
 
     /// `[batch, hidden]` from the last hidden states `[batch, seq, hidden]`.
     pub fn forward(&self, hidden: &Tensor) -> Result<Tensor> {
-        let first = hidden.narrow(1, 0, 1)?.squeeze(1)?;
+        let first = pooling::first_token(hidden)?;
         Ok(match &self.dense {
             Some(dense) => dense.forward(&first)?.tanh()?,
             None => first,
@@ -280,24 +282,20 @@ impl<B: EncoderBody> EncoderWithHead<B> {
                 Requested::All | Requested::Tokens(_) => pooling == Pooling::Pooler,
             })
         };
-        let mut pooled: [Option<Vec<Vec<f32>>>; 3] = Default::default();
-        for (slot, pooling) in pooled.iter_mut().zip(Pooling::ALL) {
-            if !wants(pooling) {
-                continue;
-            }
-            *slot = match pooling {
-                Pooling::Mean => Some(rows_f32(&pooling::mean(hidden, batch)?)?),
-                Pooling::Cls => Some(rows_f32(&pooling::first_token(hidden)?)?),
-                Pooling::Pooler => match &self.pooler {
-                    Some(pooler) => Some(rows_f32(&pooler.forward(hidden)?)?),
-                    None => None,
-                },
+        let mut pooled: HashMap<Pooling, Vec<Vec<f32>>> = HashMap::new();
+        for pooling in Pooling::ALL.into_iter().filter(|&pooling| wants(pooling)) {
+            let rows = match (pooling, &self.pooler) {
+                (Pooling::Mean, _) => rows_f32(&pooling::mean(hidden, batch)?)?,
+                (Pooling::Cls, _) => rows_f32(&pooling::first_token(hidden)?)?,
+                (Pooling::Pooler, Some(pooler)) => rows_f32(&pooler.forward(hidden)?)?,
+                (Pooling::Pooler, None) => continue,
             };
+            pooled.insert(pooling, rows);
         }
         let mut tokens = self.token_rows(inputs, batch, hidden, |x| Ok(x.clone()))?;
         let mut pooled_row = |pooling: Pooling, row: usize| {
-            let slot = Pooling::ALL.iter().position(|&p| p == pooling);
-            slot.and_then(|slot| pooled[slot].as_mut())
+            pooled
+                .get_mut(&pooling)
                 .map(|rows| std::mem::take(&mut rows[row]))
         };
         inputs
@@ -341,10 +339,6 @@ fn rows_f32(x: &Tensor) -> Result<Vec<Vec<f32>>> {
 }
 
 impl<B: EncoderBody> EncoderModel for EncoderWithHead<B> {
-    fn task(&self) -> EncoderTask {
-        self.task
-    }
-
     fn labels(&self) -> Option<&Labels> {
         self.labels.as_ref()
     }
@@ -365,9 +359,10 @@ impl<B: EncoderBody> EncoderModel for EncoderWithHead<B> {
         if inputs.is_empty() {
             return Ok(Vec::new());
         }
+        // The batch checks the inputs against the limits; the head checks what they ask of it.
         let contract = self.contract();
         for input in inputs {
-            contract.check(input)?;
+            contract.check_output(&input.output)?;
         }
         let batch = PaddedBatch::new(inputs, &contract.limits, self.dtype, &self.device)?;
         let hidden = self.body.forward(&batch)?;

@@ -168,13 +168,18 @@ impl EncoderContract {
     /// error is the request's fault.
     pub fn check(&self, input: &EncoderInput) -> Result<()> {
         batch::validate(input, &self.limits)?;
+        self.check_output(&input.output)
+    }
+
+    /// Checks that the head can return what `output` asks.
+    pub fn check_output(&self, output: &Requested) -> Result<()> {
         let refuse = |what: &str| {
             Err(EngineError::InvalidRequest(format!(
                 "the {} head cannot return {what}",
                 self.task.name()
             )))
         };
-        match &input.output {
+        match output {
             Requested::All => Ok(()),
             Requested::Tokens(_) => match self.task {
                 EncoderTask::FeatureExtraction
@@ -196,7 +201,9 @@ impl EncoderContract {
 /// An encoder with its head, ready to run batches.
 pub trait EncoderModel: Send {
     /// What the head computes.
-    fn task(&self) -> EncoderTask;
+    fn task(&self) -> EncoderTask {
+        self.contract().task
+    }
     /// The labels of a classification head (sequence or token), None for other heads.
     fn labels(&self) -> Option<&Labels>;
     /// What the model accepts, for checking requests before they are batched.

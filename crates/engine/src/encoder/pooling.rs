@@ -57,17 +57,11 @@ mod tests {
     use candle_core::Device;
 
     use super::*;
-    use crate::encoder::batch::tests::{input, LIMITS};
+    use crate::encoder::batch::tests::three_and_one;
 
     #[test]
     fn mean_counts_real_tokens_only() {
-        let batch = PaddedBatch::new(
-            &[input(&[1, 2, 3]), input(&[4])],
-            &LIMITS,
-            DType::F32,
-            &Device::Cpu,
-        )
-        .unwrap();
+        let batch = three_and_one();
         // Padding holds 100s: a mean over the padded row would see them.
         let hidden = Tensor::new(
             &[

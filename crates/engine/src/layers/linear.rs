@@ -126,13 +126,13 @@ impl Linear {
         Ok(Self::new(weight, bias))
     }
 
-    /// Stores the weight in the layout in which many rows are multiplied at once on CPU, and
-    /// uses it for every forward whatever the number of rows: packed panels read by
-    /// [`cpu_gemm`] where the CPU has AVX-512 or AVX2 and FMA, the transposed weight read by
-    /// candle's GEMM elsewhere. For encoders, whose every forward is a batch of whole sequences;
-    /// decoders keep the row layout that their decode steps read fastest. The weight's memory is
-    /// held once in the new layout (twice when it is shared, as tied embeddings are). A no-op
-    /// off CPU, for other dtypes than f32, and under `CANDLEWICK_GENERIC_KERNELS=1`.
+    /// Stores the weight in the layout [`cpu_gemm`] reads, and uses it for every forward
+    /// whatever the number of rows: packed panels where the CPU has AVX-512 or AVX2 and FMA (one
+    /// weight read in order serves a decode step's few rows as well as a prefill's thousands),
+    /// the transposed weight read by candle's GEMM elsewhere. Encoders and decoders both store
+    /// their linear layers so. The weight's memory is held once in the new layout (twice when it
+    /// is shared, as tied embeddings are). A no-op off CPU, for other dtypes than f32, and under
+    /// `CANDLEWICK_GENERIC_KERNELS=1`.
     pub fn into_batched_layout(self) -> Result<Self> {
         if !matches!(self.layout, WeightLayout::Rows)
             || !self.weight.device().is_cpu()
@@ -161,14 +161,14 @@ impl Linear {
     }
 
     /// Quantizes the weight to `format` in place of the f32 (or bf16) weight, whatever its
-    /// layout; the bias stays as it is. Returns the layer with its weight as rows, and false,
-    /// when its rows do not split into whole blocks of the format.
+    /// layout; the bias stays as it is. Returns the layer unchanged, and false, when its rows do
+    /// not split into whole blocks of the format.
     pub fn quantized(self, format: WeightQuantization) -> Result<(Self, bool)> {
-        let this = self.into_rows()?;
-        let (out_dim, in_dim) = this.weight.dims2()?;
-        if !format.fits(in_dim) {
-            return Ok((this, false));
+        if !format.fits(self.in_dim()?) {
+            return Ok((self, false));
         }
+        let this = self.into_rows()?;
+        let out_dim = this.weight.dim(0)?;
         let qtensor = QTensor::quantize(&this.weight.to_dtype(DType::F32)?, format.ggml())?;
         let matmul = QMatMul::from_qtensor(qtensor)?;
         let empty = Tensor::zeros(0, this.weight.dtype(), this.weight.device())?;
@@ -211,6 +211,21 @@ impl Linear {
         matches!(self.layout, WeightLayout::Quantized { .. })
     }
 
+    /// Inputs of the layer.
+    fn in_dim(&self) -> Result<usize> {
+        Ok(match &self.layout {
+            WeightLayout::Rows => self.weight.dim(1)?,
+            WeightLayout::Transposed => self.weight.dim(0)?,
+            &WeightLayout::Panels { out_dim } => {
+                cpu_gemm::packed_inputs(self.weight.elem_count(), out_dim)
+            }
+            WeightLayout::Quantized { matmul, .. } => match matmul {
+                QMatMul::QTensor(q) => q.shape().dims2()?.1,
+                QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.dim(1)?,
+            },
+        })
+    }
+
     /// Outputs of the layer.
     pub fn out_dim(&self) -> Result<usize> {
         Ok(match &self.layout {
@@ -229,6 +244,20 @@ pub struct QuantizeOptions {
     pub format: WeightQuantization,
     /// Whether the output head (`lm_head`, or the tied embeddings as a head) is quantized.
     pub lm_head: bool,
+}
+
+impl QuantizeOptions {
+    /// The options a setting names: `q8_0` or `q4k` (the head as `lm_head` says), or `none`
+    /// for exact weights. The error names what is accepted.
+    pub fn parse(name: &str, lm_head: bool) -> std::result::Result<Option<Self>, String> {
+        if name == "none" {
+            return Ok(None);
+        }
+        match WeightQuantization::parse(name) {
+            Some(format) => Ok(Some(Self { format, lm_head })),
+            None => Err(format!("quantize must be q8_0, q4k or none, got {name:?}")),
+        }
+    }
 }
 
 /// What in-situ quantization did to a model's linear layers.
@@ -289,21 +318,6 @@ impl Module for Linear {
                     && !crate::kernels::generic_only();
                 if on_cpu_f32 && rows <= cpu_matmul::MAX_ROWS {
                     skinny_matmul(&x, &self.weight)?
-                } else if on_cpu_f32 && cpu_gemm::available() {
-                    // A prefill-sized product: the weight's panels are packed for this call
-                    // (what a BLAS does inside its GEMM), then the AVX-512 or AVX2 GEMM runs.
-                    let (out_dim, in_dim) = self.weight.dims2()?;
-                    let weight = self.weight.contiguous()?;
-                    let packed = {
-                        let (storage, layout) = weight.storage_and_layout();
-                        cpu_gemm::pack(cpu_f32(&storage, layout)?, out_dim, in_dim)
-                    };
-                    let len = packed.len();
-                    let packed = Tensor::from_vec(packed, len, x.device())?;
-                    let y = packed_matmul(&x, &packed, out_dim, self.bias.as_ref())?;
-                    let mut out_dims = dims.to_vec();
-                    out_dims[dims.len() - 1] = out_dim;
-                    return y.reshape(out_dims);
                 } else {
                     x.matmul(&self.weight.t()?)?
                 }

@@ -565,10 +565,6 @@ impl MistralForSequenceClassification {
 /// The classifier behind the text-classification route: one row of logits per sequence, the
 /// segment ids unused (Mistral has none).
 impl EncoderModel for MistralForSequenceClassification {
-    fn task(&self) -> EncoderTask {
-        EncoderTask::SequenceClassification
-    }
-
     fn labels(&self) -> Option<&Labels> {
         Some(&self.labels)
     }

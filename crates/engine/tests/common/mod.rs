@@ -5,6 +5,8 @@
 
 use std::path::{Path, PathBuf};
 
+use candlewick_engine::{Generator, StepRow};
+
 /// The committed fixture `name` (a path under tests/fixtures, e.g. "mistral/w8-gqa2").
 pub fn fixture_dir(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -21,4 +23,26 @@ pub fn argmax(logits: &[f32]) -> u32 {
         }
     }
     best as u32
+}
+
+/// Allocates a slot for each prompt and prefills them together: the slots, and each prompt's
+/// logits after its last token.
+pub fn prefill_new<P: AsRef<[u32]>>(
+    generator: &mut Generator,
+    prompts: &[P],
+) -> (Vec<usize>, Vec<Vec<f32>>) {
+    let slots: Vec<usize> = prompts
+        .iter()
+        .map(|_| generator.allocate().unwrap())
+        .collect();
+    let rows: Vec<StepRow> = slots
+        .iter()
+        .zip(prompts)
+        .map(|(&slot, prompt)| StepRow {
+            slot,
+            tokens: prompt.as_ref(),
+        })
+        .collect();
+    let logits = generator.prefill(&rows).unwrap();
+    (slots, logits)
 }

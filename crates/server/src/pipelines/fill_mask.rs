@@ -344,7 +344,6 @@ mod tests {
 
     fn info() -> EncoderInfo {
         EncoderInfo {
-            task: EncoderTask::MaskedLm,
             labels: None,
             max_sequence_tokens: 16,
             hidden_size: 4,

@@ -478,7 +478,6 @@ mod tests {
 
     fn info() -> EncoderInfo {
         EncoderInfo {
-            task: EncoderTask::QuestionAnswering,
             labels: None,
             max_sequence_tokens: 64,
             hidden_size: 4,

@@ -361,7 +361,6 @@ mod tests {
 
     fn info(labels: &[&str], default_function: ScoreFunction) -> EncoderInfo {
         EncoderInfo {
-            task: EncoderTask::SequenceClassification,
             labels: Some(Labels {
                 names: labels.iter().map(|s| s.to_string()).collect(),
                 default_function,

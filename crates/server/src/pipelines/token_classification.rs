@@ -589,7 +589,6 @@ mod tests {
 
     fn info(max_sequence_tokens: usize) -> EncoderInfo {
         EncoderInfo {
-            task: EncoderTask::TokenClassification,
             labels: Some(Labels {
                 names: LABELS.iter().map(|s| s.to_string()).collect(),
                 default_function: ScoreFunction::Softmax,

@@ -99,8 +99,8 @@ pub fn pack(w: &[f32], n: usize, k: usize) -> Vec<f32> {
     assert_eq!(w.len(), n * k);
     let columns = panel_columns();
     let mut packed = vec![0f32; packed_len(n, k)];
-    // Panels are independent: pack them in parallel (decoders pack per prefill call, where
-    // this pass is what the packing costs).
+    // Panels are independent: pack them in parallel (a model's whole weights pass through here
+    // at load).
     packed
         .par_chunks_mut(k * columns)
         .enumerate()

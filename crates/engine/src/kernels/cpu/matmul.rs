@@ -1,4 +1,6 @@
-//! `y = x W^T` for a few rows of `x` on CPU, in f32: the matmul of a decode step.
+//! `y = x W^T` for a few rows of `x` on CPU, in f32, against a weight kept as rows `[out, in]`:
+//! the layers not packed into panels for [`crate::kernels::cpu::gemm`] (routers, classifier
+//! heads) in decode-sized steps.
 //!
 //! With one to a few rows, a decode step is bound by reading the weights from memory. A general
 //! GEMM packs its operands into blocks first, which for a single row means copying every weight
