@@ -6,6 +6,12 @@
 //! a short window of tokens twice, without and with the new ones, and emits the difference once
 //! it no longer ends in an unfinished character. The window starts at the tokens emitted last, so
 //! each step decodes a few tokens however long the sequence grows.
+//!
+//! Tokenizers whose tokenizer_config.json asks for `clean_up_tokenization_spaces` (BERT, GPT-2,
+//! RoBERTa and most others) have their decoded text cleaned as transformers does after decoding:
+//! [`clean_up_tokenization`]. Cleaning a text piece by piece gives the same result only when each
+//! piece ends where no replacement can straddle it, so [`StreamingCleanup`] holds back the
+//! characters after the last such place.
 
 use std::borrow::Borrow;
 
@@ -50,6 +56,8 @@ pub struct IncrementalDecoder<T> {
     emitted: usize,
     /// The text of `window[..emitted]`.
     emitted_text: String,
+    /// Set when the tokenizer's text is cleaned after decoding.
+    cleanup: Option<StreamingCleanup>,
 }
 
 impl<T: Borrow<Tokenizer>> IncrementalDecoder<T> {
@@ -79,7 +87,18 @@ impl<T: Borrow<Tokenizer>> IncrementalDecoder<T> {
             window,
             emitted_text: text,
             tokenizer,
+            cleanup: None,
         })
+    }
+
+    /// Cleans the text as transformers' `clean_up_tokenization_spaces` does, when `clean_up`.
+    ///
+    /// The deltas then add up to the cleaned text of the generated tokens. A delta never holds
+    /// text that later tokens could still change: a few characters that a replacement might
+    /// straddle wait for the next token (or [`IncrementalDecoder::flush`]).
+    pub fn cleaning_up_spaces(mut self, clean_up: bool) -> Self {
+        self.cleanup = clean_up.then(StreamingCleanup::default);
+        self
     }
 
     /// Adds a generated token and returns the text it completes.
@@ -89,6 +108,29 @@ impl<T: Borrow<Tokenizer>> IncrementalDecoder<T> {
     /// (a skipped special token). That text is returned with a later token, or by
     /// [`IncrementalDecoder::flush`].
     pub fn push(&mut self, token: u32) -> Result<Option<String>, DetokenizeError> {
+        let raw = self.push_raw(token)?;
+        Ok(match (&mut self.cleanup, raw) {
+            (Some(cleanup), Some(raw)) => Some(cleanup.push(&raw)).filter(|text| !text.is_empty()),
+            (_, raw) => raw,
+        })
+    }
+
+    /// Returns the text of the tokens still pending, even an unfinished character (as U+FFFD), at
+    /// the end of the sequence.
+    pub fn flush(&mut self) -> Result<String, DetokenizeError> {
+        let raw = self.flush_raw()?;
+        Ok(match &mut self.cleanup {
+            Some(cleanup) => {
+                let mut text = cleanup.push(&raw);
+                text.push_str(&cleanup.flush());
+                text
+            }
+            None => raw,
+        })
+    }
+
+    /// [`IncrementalDecoder::push`] before any cleanup: the decoder's own text.
+    fn push_raw(&mut self, token: u32) -> Result<Option<String>, DetokenizeError> {
         self.window.push(token);
         let text = decode(self.tokenizer.borrow(), &self.window)?;
         if text.ends_with(REPLACEMENT) {
@@ -105,9 +147,8 @@ impl<T: Borrow<Tokenizer>> IncrementalDecoder<T> {
         Ok(Some(delta))
     }
 
-    /// Returns the text of the tokens still pending, even an unfinished character (as U+FFFD), at
-    /// the end of the sequence.
-    pub fn flush(&mut self) -> Result<String, DetokenizeError> {
+    /// [`IncrementalDecoder::flush`] before any cleanup.
+    fn flush_raw(&mut self) -> Result<String, DetokenizeError> {
         if self.emitted == self.window.len() {
             return Ok(String::new());
         }
@@ -128,6 +169,70 @@ impl<T: Borrow<Tokenizer>> IncrementalDecoder<T> {
         self.emitted = self.window.len();
         self.emitted_text = decode(self.tokenizer.borrow(), &self.window)?;
         Ok(())
+    }
+}
+
+/// transformers' `clean_up_tokenization` (4.37.2): no space before `.`, `?`, `!`, `,` and English
+/// contractions. Each replacement is one left-to-right pass over the whole text, in this order,
+/// as Python's `str.replace` makes it.
+pub fn clean_up_tokenization(text: &str) -> String {
+    CLEANUP_REPLACEMENTS
+        .iter()
+        .fold(text.to_owned(), |text, (from, to)| text.replace(from, to))
+}
+
+/// The replacements of [`clean_up_tokenization`], in order.
+const CLEANUP_REPLACEMENTS: [(&str, &str); 10] = [
+    (" .", "."),
+    (" ?", "?"),
+    (" !", "!"),
+    (" ,", ","),
+    (" ' ", "'"),
+    (" n't", "n't"),
+    (" 'm", "'m"),
+    (" 's", "'s"),
+    (" 've", "'ve"),
+    (" 're", "'re"),
+];
+
+/// The characters that end a proper prefix of some replaced pattern of [`CLEANUP_REPLACEMENTS`]
+/// (" ", " '", " n", " n'", " 'v", " 'r").
+///
+/// Where a text `x` ends in none of them, `clean_up_tokenization(x + y)` equals
+/// `clean_up_tokenization(x) + clean_up_tokenization(y)` for every `y`: a match that straddles the
+/// join would start inside `x` with `x` ending in a proper prefix of its pattern, hence in one of
+/// these characters. The replacements only delete spaces, and never the last character of `x`
+/// (a deleted space is followed by the rest of its match), so the same holds before each pass.
+/// Each pass then finds in `x + y` the matches it finds in `x` and in `y` alone.
+const CLEANUP_UNSETTLED: [char; 5] = [' ', '\'', 'n', 'v', 'r'];
+
+/// [`clean_up_tokenization`] of a text that arrives in pieces.
+#[derive(Clone, Debug, Default)]
+struct StreamingCleanup {
+    /// Text received whose cleanup a later piece could still change.
+    pending: String,
+}
+
+impl StreamingCleanup {
+    /// Adds `piece` and returns the cleaned text that no later piece can change.
+    fn push(&mut self, piece: &str) -> String {
+        self.pending.push_str(piece);
+        let settled = self
+            .pending
+            .char_indices()
+            .rev()
+            .find(|&(_, c)| !CLEANUP_UNSETTLED.contains(&c))
+            .map_or(0, |(at, c)| at + c.len_utf8());
+        let text = clean_up_tokenization(&self.pending[..settled]);
+        self.pending.drain(..settled);
+        text
+    }
+
+    /// The cleaned text of what is still pending, at the end of the text.
+    fn flush(&mut self) -> String {
+        let text = clean_up_tokenization(&self.pending);
+        self.pending.clear();
+        text
     }
 }
 
@@ -575,6 +680,64 @@ mod tests {
                 check_every_split(&tokenizer, &encode(&tokenizer, &text));
             }
         }
+    }
+
+    #[test]
+    fn cleanup_follows_transformers_pass_by_pass() {
+        assert_eq!(
+            clean_up_tokenization("it is n't here , is it ? yes . i 'm sure ! we 're ok"),
+            "it isn't here, is it? yes. i'm sure! we're ok"
+        );
+        // One left-to-right pass per pattern, as Python's str.replace: a second space before a
+        // stop survives, and " ' " runs collapse pairwise.
+        assert_eq!(clean_up_tokenization("a  ."), "a .");
+        assert_eq!(
+            clean_up_tokenization("under ' ' ' ' band"),
+            "under'''' band"
+        );
+        assert_eq!(clean_up_tokenization("don ' t"), "don't");
+    }
+
+    #[test]
+    fn streamed_cleanup_equals_cleanup_of_the_whole_text() {
+        // Texts made of the characters the patterns are built from, cut into random pieces.
+        const ALPHABET: [&str; 14] = [
+            " ", " ", "'", "n", "t", "v", "e", "r", "m", "s", ".", "?", ",", "a",
+        ];
+        let mut rng = StdRng::seed_from_u64(16);
+        for _ in 0..5_000 {
+            let len = rng.random_range(0..24);
+            let text: String = (0..len)
+                .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())])
+                .collect();
+            let mut cleanup = StreamingCleanup::default();
+            let mut streamed = String::new();
+            let mut rest = text.as_str();
+            while !rest.is_empty() {
+                let cut = rng.random_range(1..=rest.len());
+                streamed.push_str(&cleanup.push(&rest[..cut]));
+                rest = &rest[cut..];
+            }
+            streamed.push_str(&cleanup.flush());
+            assert_eq!(streamed, clean_up_tokenization(&text), "text {text:?}");
+        }
+    }
+
+    #[test]
+    fn cleaned_deltas_hold_back_only_what_may_change() {
+        let tokenizer = byte_level();
+        let ids = encode(&tokenizer, "Hello world . it ' s");
+        let mut decoder = IncrementalDecoder::new(&tokenizer, &[])
+            .unwrap()
+            .cleaning_up_spaces(true);
+        let mut deltas = Vec::new();
+        for &t in &ids {
+            deltas.extend(decoder.push(t).unwrap());
+        }
+        deltas.push(decoder.flush().unwrap());
+        assert_eq!(deltas.concat(), "Hello world. it's");
+        // "Hello" and " world" are final at once; " ." joins the word before it.
+        assert_eq!(deltas[..2], ["Hello", " world"]);
     }
 
     #[test]

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
+use crate::detokenizer::{clean_up_tokenization, DetokenizeError, IncrementalDecoder};
 use crate::error::{EngineError, Result};
 
 /// A tokenizer and the special tokens generation needs.
@@ -14,6 +15,7 @@ pub struct Tokenizer {
     eos_token: Option<String>,
     eos_token_ids: Vec<u32>,
     chat_template: Option<String>,
+    clean_up_tokenization_spaces: bool,
 }
 
 impl Tokenizer {
@@ -58,6 +60,7 @@ impl Tokenizer {
         }
         Ok(Self {
             chat_template: chat_template(&tokenizer_config),
+            clean_up_tokenization_spaces: cleans_up_tokenization_spaces(&tokenizer_config),
             inner: Arc::new(inner),
             bos_token,
             eos_token,
@@ -75,11 +78,33 @@ impl Tokenizer {
         Ok(encoding.get_ids().to_vec())
     }
 
-    /// The text of `ids`.
+    /// The text of `ids` as transformers' `decode` gives it: the tokenizer's decoder, then
+    /// [`clean_up_tokenization`] when the tokenizer cleans up spaces.
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
-        self.inner
+        let text = self
+            .inner
             .decode(ids, skip_special_tokens)
-            .map_err(|e| EngineError::Tokenizer(e.to_string()))
+            .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+        Ok(if self.clean_up_tokenization_spaces {
+            clean_up_tokenization(&text)
+        } else {
+            text
+        })
+    }
+
+    /// A decoder of the tokens generated after `prompt`, cleaning up spaces as
+    /// [`Tokenizer::decode`] does.
+    pub fn incremental_decoder(
+        &self,
+        prompt: &[u32],
+    ) -> std::result::Result<IncrementalDecoder<Arc<tokenizers::Tokenizer>>, DetokenizeError> {
+        Ok(IncrementalDecoder::new(self.shared(), prompt)?
+            .cleaning_up_spaces(self.clean_up_tokenization_spaces))
+    }
+
+    /// Whether decoded text is cleaned up (`clean_up_tokenization_spaces`).
+    pub fn cleans_up_spaces(&self) -> bool {
+        self.clean_up_tokenization_spaces
     }
 
     /// The underlying tokenizers-crate tokenizer, shared (incremental decoders hold it).
@@ -120,6 +145,30 @@ fn special_token(config: &Value, key: &str) -> Option<String> {
         Value::Object(token) => token.get("content")?.as_str().map(str::to_string),
         _ => None,
     }
+}
+
+/// Whether transformers 4.37.2 cleans up the decoded text of the tokenizer that
+/// `tokenizer_config` (tokenizer_config.json, `Null` when there is none) describes:
+/// `clean_up_tokenization_spaces` when it says, else the default of its `tokenizer_class`, which is
+/// `true` except for the classes whose constructors default it to `false`.
+pub fn cleans_up_tokenization_spaces(tokenizer_config: &Value) -> bool {
+    const CLASSES_WITHOUT_CLEANUP: [&str; 4] = ["Llama", "CodeLlama", "Bloom", "Qwen2"];
+    if let Some(clean_up) = tokenizer_config
+        .get("clean_up_tokenization_spaces")
+        .and_then(Value::as_bool)
+    {
+        return clean_up;
+    }
+    let class = tokenizer_config
+        .get("tokenizer_class")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let base = class
+        .strip_suffix("Fast")
+        .unwrap_or(class)
+        .strip_suffix("Tokenizer")
+        .unwrap_or_default();
+    !CLASSES_WITHOUT_CLEANUP.contains(&base)
 }
 
 /// An id or a list of ids.
@@ -163,5 +212,22 @@ mod tests {
         assert_eq!(chat_template(&config).as_deref(), Some("y"));
         let generation: Value = serde_json::from_str(r#"{"eos_token_id": [2, 32000]}"#).unwrap();
         assert_eq!(token_ids(&generation, "eos_token_id"), vec![2, 32000]);
+    }
+
+    #[test]
+    fn cleanup_follows_the_config_then_the_tokenizer_class() {
+        let cleans =
+            |json: &str| cleans_up_tokenization_spaces(&serde_json::from_str(json).unwrap());
+        assert!(cleans("null"));
+        assert!(cleans(r#"{"tokenizer_class": "BertTokenizer"}"#));
+        assert!(cleans(r#"{"tokenizer_class": "GPT2TokenizerFast"}"#));
+        assert!(!cleans(r#"{"tokenizer_class": "LlamaTokenizer"}"#));
+        assert!(!cleans(r#"{"tokenizer_class": "CodeLlamaTokenizerFast"}"#));
+        assert!(cleans(
+            r#"{"tokenizer_class": "LlamaTokenizer", "clean_up_tokenization_spaces": true}"#
+        ));
+        assert!(!cleans(
+            r#"{"tokenizer_class": "BertTokenizer", "clean_up_tokenization_spaces": false}"#
+        ));
     }
 }

@@ -137,7 +137,7 @@ impl Sequence {
             prompt_len: request.prompt.len(),
             generated: Vec::new(),
             sampler: Sampler::new(request.sampling.clone(), &request.prompt)?,
-            decoder: IncrementalDecoder::new(tokenizer.shared(), &request.prompt)?,
+            decoder: tokenizer.incremental_decoder(&request.prompt)?,
             stop: request.stop.clone(),
             eos_token_ids: tokenizer.eos_token_ids().to_vec(),
             max_context,

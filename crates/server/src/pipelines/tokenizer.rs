@@ -9,6 +9,9 @@ use tokenizers::decoders::DecoderWrapper;
 use tokenizers::models::ModelWrapper;
 use tokenizers::{truncate_encodings, Decoder, Encoding, PostProcessor, TruncationParams};
 
+use candlewick_engine::detokenizer::clean_up_tokenization;
+use candlewick_engine::tokenizer::cleans_up_tokenization_spaces;
+
 use crate::error::ApiError;
 
 /// A tokenizer with what the pipelines need to know about its special tokens and limits.
@@ -89,10 +92,7 @@ impl PipelineTokenizer {
             mask: id_of("mask_token", &MASK_NAMES),
             model_max_length,
             padding_left: config.get("padding_side").and_then(Value::as_str) == Some("left"),
-            clean_up_tokenization_spaces: config
-                .get("clean_up_tokenization_spaces")
-                .and_then(Value::as_bool)
-                .unwrap_or(true),
+            clean_up_tokenization_spaces: cleans_up_tokenization_spaces(&config),
             tokenizer: Arc::new(plain),
         })
     }
@@ -281,20 +281,6 @@ fn special_token(config: &Value, key: &str) -> Option<String> {
     }
 }
 
-/// transformers' `clean_up_tokenization`: no space before punctuation and English contractions.
-fn clean_up_tokenization(text: &str) -> String {
-    text.replace(" .", ".")
-        .replace(" ?", "?")
-        .replace(" !", "!")
-        .replace(" ,", ",")
-        .replace(" ' ", "'")
-        .replace(" n't", "n't")
-        .replace(" 'm", "'m")
-        .replace(" 's", "'s")
-        .replace(" 've", "'ve")
-        .replace(" 're", "'re")
-}
-
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -377,14 +363,6 @@ pub(crate) mod tests {
                 .tokens_to_string(vec!["un".into(), "##believ".into(), "##ably".into()])
                 .unwrap(),
             "unbelievably"
-        );
-    }
-
-    #[test]
-    fn clean_up_removes_spaces_before_punctuation() {
-        assert_eq!(
-            clean_up_tokenization("it is n't here , is it ? yes ."),
-            "it isn't here, is it? yes."
         );
     }
 }
