@@ -112,12 +112,28 @@ impl ModelFiles {
         }
         let fetcher = Fetcher::new(source)?;
         let config = read_text(&fetcher.required("config.json")?)?;
-        let tokenizer_path = fetcher.required("tokenizer.json")?;
-        let tokenizer = std::fs::read(&tokenizer_path).map_err(|e| bad_file(&tokenizer_path, e))?;
         let tokenizer_config = fetcher
             .optional("tokenizer_config.json")?
             .map(|path| read_text(&path))
             .transpose()?;
+        let tokenizer = match fetcher.optional("tokenizer.json")? {
+            Some(path) => std::fs::read(&path).map_err(|e| bad_file(&path, e))?,
+            // GPT-2-style folders may have only the slow tokenizer's files.
+            None => match (
+                fetcher.optional("vocab.json")?,
+                fetcher.optional("merges.txt")?,
+            ) {
+                (Some(vocab), Some(merges)) => {
+                    byte_level_bpe_json(&vocab, &merges, tokenizer_config.as_deref())?
+                }
+                _ => {
+                    return Err(EngineError::MissingFile {
+                        file: "tokenizer.json (or vocab.json and merges.txt)".into(),
+                        location: fetcher.location(),
+                    })
+                }
+            },
+        };
         let generation_config = fetcher
             .optional("generation_config.json")?
             .map(|path| read_text(&path))
@@ -387,6 +403,48 @@ fn read_text(path: &Path) -> Result<String> {
     std::fs::read_to_string(path).map_err(|e| bad_file(path, e))
 }
 
+/// tokenizer.json of the byte-level BPE tokenizer (GPT-2's) that `vocab` and `merges` describe, as
+/// transformers' `GPT2TokenizerFast` builds it from them: the BPE model, the byte-level
+/// pre-tokenizer (`add_prefix_space` from tokenizer_config.json, default off), decoder and
+/// post-processor, and `<|endoftext|>` as a special token when the vocabulary has it.
+pub fn byte_level_bpe_json(
+    vocab: &Path,
+    merges: &Path,
+    tokenizer_config: Option<&str>,
+) -> Result<Vec<u8>> {
+    use tokenizers::models::bpe::BPE;
+    use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+    use tokenizers::{AddedToken, Tokenizer};
+
+    let config: Option<serde_json::Value> =
+        tokenizer_config.and_then(|text| serde_json::from_str(text).ok());
+    let add_prefix_space = config
+        .as_ref()
+        .and_then(|c| c.get("add_prefix_space"))
+        .and_then(serde_json::Value::as_bool)
+        .unwrap_or(false);
+    let model = BPE::from_file(&vocab.to_string_lossy(), &merges.to_string_lossy())
+        .build()
+        .map_err(|e| EngineError::BadFile {
+            path: format!("{} and {}", vocab.display(), merges.display()),
+            reason: e.to_string(),
+        })?;
+    let mut tokenizer = Tokenizer::new(model);
+    tokenizer
+        .with_pre_tokenizer(Some(ByteLevel::new(add_prefix_space, true, true)))
+        .with_decoder(Some(ByteLevel::default()))
+        .with_post_processor(Some(ByteLevel::new(true, false, true)));
+    if tokenizer.token_to_id("<|endoftext|>").is_some() {
+        tokenizer
+            .add_special_tokens([AddedToken::from("<|endoftext|>", true)])
+            .map_err(|e| EngineError::Internal(format!("cannot add <|endoftext|>: {e}")))?;
+    }
+    tokenizer
+        .to_string(false)
+        .map(String::into_bytes)
+        .map_err(|e| EngineError::Internal(format!("cannot serialize the tokenizer: {e}")))
+}
+
 fn bad_file(path: &Path, error: impl std::fmt::Display) -> EngineError {
     EngineError::BadFile {
         path: path.display().to_string(),
@@ -411,6 +469,34 @@ fn shard_names(index: &Path) -> Result<Vec<String>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn byte_level_bpe_is_built_from_vocab_and_merges_and_refuses_a_mismatch() {
+        let dir = std::env::temp_dir().join(format!("candlewick-bpe-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (vocab, merges) = (dir.join("vocab.json"), dir.join("merges.txt"));
+        std::fs::write(
+            &vocab,
+            r#"{"H": 0, "i": 1, "Hi": 2, "\u0120": 3, "<|endoftext|>": 4}"#,
+        )
+        .unwrap();
+        std::fs::write(&merges, "#version: 0.2\nH i\n").unwrap();
+        let json = byte_level_bpe_json(&vocab, &merges, None).unwrap();
+        let tokenizer = tokenizers::Tokenizer::from_bytes(&json).unwrap();
+        let ids = tokenizer.encode("Hi<|endoftext|>", true).unwrap();
+        assert_eq!(ids.get_ids(), [2, 4]);
+        assert_eq!(tokenizer.decode(&[2, 3, 2], false).unwrap(), "Hi Hi");
+
+        std::fs::write(&merges, "#version: 0.2\nH x\n").unwrap();
+        let error = byte_level_bpe_json(&vocab, &merges, None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("merges.txt") && error.contains('x'),
+            "{error}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn parse_distinguishes_folders_from_hub_ids() {

@@ -9,7 +9,7 @@ use crate::decoder::CausalLm;
 use crate::encoder::labels::Labels;
 use crate::encoder::{EncoderModel, EncoderTask};
 use crate::error::{EngineError, Result};
-use crate::models::{self, megatron_bert, mistral, mixtral, mobilebert, parse_config};
+use crate::models::{self, gpt2, megatron_bert, mistral, mixtral, mobilebert, parse_config};
 
 /// What a checkpoint is served as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,9 +66,22 @@ use EncoderTask::{
 };
 
 /// Every architecture Candlewick serves. A `*ForPreTraining` checkpoint is served as its
-/// masked-LM head, as transformers' fill-mask pipeline loads it.
+/// masked-LM head, as transformers' fill-mask pipeline loads it. An architecture with two heads has
+/// a row of each kind, and is served as the first: `GPT2DoubleHeadsModel` generates, and its
+/// multiple-choice head loads as an encoder.
 pub const ARCHITECTURES: &[Architecture] = &[
     generator("MistralForCausalLM", load_mistral),
+    generator("GPT2LMHeadModel", load_gpt2_lm),
+    generator("GPT2DoubleHeadsModel", load_gpt2_lm),
+    encoder("GPT2DoubleHeadsModel", MultipleChoice, load_gpt2),
+    encoder("GPT2Model", FeatureExtraction, load_gpt2),
+    encoder(
+        "GPT2ForSequenceClassification",
+        SequenceClassification,
+        load_gpt2,
+    ),
+    encoder("GPT2ForTokenClassification", TokenClassification, load_gpt2),
+    encoder("GPT2ForQuestionAnswering", QuestionAnswering, load_gpt2),
     generator("MixtralForCausalLM", load_mixtral),
     generator("MegatronBertForCausalLM", load_megatron_bert_causal_lm),
     encoder(
@@ -144,6 +157,7 @@ pub const ARCHITECTURES: &[Architecture] = &[
 /// encoders).
 const MODEL_TYPES: &[(&str, &str)] = &[
     ("mistral", "MistralForCausalLM"),
+    ("gpt2", "GPT2LMHeadModel"),
     ("mixtral", "MixtralForCausalLM"),
     ("mobilebert", "MobileBertModel"),
     ("megatron-bert", "MegatronBertModel"),
@@ -200,13 +214,14 @@ fn lookup_kind(config_json: &str, encoders: bool) -> Result<&'static Architectur
             supported: supported(encoders),
         })
     };
-    match lookup(config_json) {
-        Ok(architecture) if matches!(architecture.kind, Kind::Encoder(_)) == encoders => {
-            Ok(architecture)
-        }
-        Ok(architecture) => refuse(architecture.name.to_string()),
-        Err(EngineError::UnsupportedArchitecture { found, .. }) => refuse(found),
-        Err(other) => Err(other),
+    let config: Value = parse_config(config_json)?;
+    let found = architecture_name(&config).unwrap_or_else(|| "(none)".into());
+    match ARCHITECTURES
+        .iter()
+        .find(|a| a.name == found && matches!(a.kind, Kind::Encoder(_)) == encoders)
+    {
+        Some(architecture) => Ok(architecture),
+        None => refuse(found),
     }
 }
 
@@ -251,6 +266,28 @@ fn load_megatron_bert_causal_lm(config_json: &str, vb: VarBuilder) -> Result<Box
     Ok(Box::new(megatron_bert::MegatronBertForCausalLM::load(
         vb, &config,
     )?))
+}
+
+fn load_gpt2_lm(config_json: &str, vb: VarBuilder) -> Result<Box<dyn CausalLm>> {
+    let config: gpt2::Gpt2Config = parse_config(config_json)?;
+    Ok(Box::new(gpt2::Gpt2LmHeadModel::load(vb, &config)?))
+}
+
+fn load_gpt2(
+    config_json: &str,
+    vb: VarBuilder,
+    task: EncoderTask,
+) -> Result<Box<dyn EncoderModel>> {
+    let config: gpt2::Gpt2Config = parse_config(config_json)?;
+    Ok(match task {
+        SequenceClassification => Box::new(gpt2::Gpt2SequenceHead::sequence_classification(
+            vb,
+            &config,
+            labels(config_json)?,
+        )?),
+        MultipleChoice => Box::new(gpt2::Gpt2SequenceHead::multiple_choice(vb, &config)?),
+        task => Box::new(gpt2::load(vb, &config, task, labels(config_json)?)?),
+    })
 }
 
 fn load_decoder_classifier(

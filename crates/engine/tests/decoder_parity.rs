@@ -13,12 +13,17 @@ use serde::Deserialize;
 
 /// Largest absolute difference allowed between our f32 logits and transformers'.
 const LOGITS_TOLERANCE: f32 = 1e-4;
-const FIXTURES: [&str; 5] = [
+const FIXTURES: [&str; 10] = [
     "mistral/w4-gqa1",
     "mistral/w8-gqa2",
     "mistral/nowin-gqa4",
     "mixtral/e4-w8-gqa2",
     "mixtral/e8-nowin-gqa4",
+    "gpt2/gelu-new-tied",
+    "gpt2/relu-inverse-untied",
+    "gpt2/gelu-unscaled-reorder",
+    "gpt2/bpe-files",
+    "gpt2/quick-gelu-double-heads",
 ];
 
 #[derive(Deserialize)]

@@ -120,7 +120,7 @@ impl SelfAttention {
     }
 
     /// Scaled dot-product attention of `[batch, heads, seq, head_dim]` tensors under an
-    /// additive f32 `mask`; the softmax runs in f32 whatever the model's dtype.
+    /// additive f32 `mask` (see [`scaled_attention`]).
     pub fn attend(
         &self,
         queries: &Tensor,
@@ -128,17 +128,30 @@ impl SelfAttention {
         values: &Tensor,
         mask: &Tensor,
     ) -> Result<Tensor> {
-        let (batch, _, seq, _) = queries.dims4()?;
-        let scores = (queries.matmul(&keys.t()?)? * self.scale)?
-            .to_dtype(DType::F32)?
-            .broadcast_add(mask)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(values.dtype())?;
-        Ok(probs.matmul(values)?.transpose(1, 2)?.reshape((
-            batch,
-            seq,
-            self.num_heads * self.head_dim,
-        ))?)
+        scaled_attention(queries, keys, values, mask, self.scale)
     }
+}
+
+/// Attention of `[batch, heads, seq, head_dim]` queries over keys and values under an additive f32
+/// `mask` (`[batch, 1, 1 or seq, seq]`), the scores scaled by `scale`; the softmax runs in f32
+/// whatever the model's dtype. Returns the context `[batch, seq, heads * head_dim]`.
+pub fn scaled_attention(
+    queries: &Tensor,
+    keys: &Tensor,
+    values: &Tensor,
+    mask: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    let (batch, heads, seq, _) = queries.dims4()?;
+    let value_width = values.dim(D::Minus1)?;
+    let scores = (queries.matmul(&keys.t()?)? * scale)?
+        .to_dtype(DType::F32)?
+        .broadcast_add(mask)?;
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(values.dtype())?;
+    Ok(probs
+        .matmul(values)?
+        .transpose(1, 2)?
+        .reshape((batch, seq, heads * value_width))?)
 }
 
 /// A dense layer with bias (`in_dim -> out_dim`) in the batched layout every encoder layer uses

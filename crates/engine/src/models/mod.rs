@@ -1,6 +1,7 @@
 //! Model architectures, one file each. Which architecture a checkpoint is, and how it is built,
 //! is [`crate::registry`]'s business.
 
+pub mod gpt2;
 pub mod megatron_bert;
 pub mod mistral;
 pub mod mixtral;
