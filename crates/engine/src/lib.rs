@@ -2,6 +2,7 @@
 //! No async and no HTTP: the scheduler drives it from its own thread.
 
 pub mod attention;
+pub mod convert;
 pub mod decoder;
 pub mod detokenizer;
 pub mod encoder;

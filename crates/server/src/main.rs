@@ -9,7 +9,7 @@ use candle_core::{DType, Device};
 use candlewick_engine::{ModelSource, QuantizeOptions};
 use clap::{Parser, Subcommand};
 
-use cli::{bench, classify, generate, serve};
+use cli::{bench, classify, convert, generate, serve};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -32,6 +32,8 @@ enum Command {
     Classify(classify::ClassifyArgs),
     /// Measure prefill and decode throughput on a model.
     Bench(bench::BenchArgs),
+    /// Convert a checkpoint of another format (Megatron-LM) into a Hugging Face folder.
+    Convert(convert::ConvertArgs),
 }
 
 /// Which model to load and where to run it.
@@ -140,5 +142,6 @@ fn main() -> Result<()> {
         Command::Generate(args) => generate::run(args),
         Command::Classify(args) => classify::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Convert(args) => convert::run(args),
     }
 }

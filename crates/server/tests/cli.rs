@@ -189,3 +189,63 @@ fn classify_prints_every_label_with_the_reference_scores() {
         );
     }
 }
+
+#[test]
+fn convert_megatron_gpt2_writes_a_folder_that_generate_serves_and_refuses_a_legacy_file() {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/megatron-gpt2");
+    let out = std::env::temp_dir().join(format!("candlewick-cli-convert-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let convert = |checkpoint: &Path| {
+        candlewick()
+            .args(["convert", "megatron-gpt2", "--checkpoint"])
+            .arg(checkpoint)
+            .arg("--vocab")
+            .arg(fixtures.join("tokenizer/vocab.json"))
+            .arg("--merges")
+            .arg(fixtures.join("tokenizer/merges.txt"))
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap()
+    };
+    let done = convert(&fixtures.join("v0/checkpoint.zip"));
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    for file in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "vocab.json",
+        "merges.txt",
+    ] {
+        assert!(out.join(file).is_file(), "{file} is missing");
+    }
+    let generated = candlewick()
+        .args([
+            "generate",
+            "--max-tokens",
+            "4",
+            "--prompt",
+            "Hello",
+            "--model",
+        ])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        generated.status.success(),
+        "{}",
+        String::from_utf8_lossy(&generated.stderr)
+    );
+    let refused = convert(&fixtures.join("bad/legacy.pt"));
+    assert!(!refused.status.success());
+    let message = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        message.contains("legacy format") && message.contains("torch.save"),
+        "{message}"
+    );
+    std::fs::remove_dir_all(&out).unwrap();
+}
