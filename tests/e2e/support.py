@@ -8,6 +8,7 @@ Only the standard library, httpx and tokenizers are used here; no torch, no tran
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -15,7 +16,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -631,3 +632,21 @@ def _wait_ready(server: Server, timeout: float) -> None:
                     f"log {server.log_path}:\n{server.log_tail()}"
                 )
             time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def served(fixtures: Mapping[str, Path], *, prefix: str, log_dir: Path, binary: Path) -> Iterator[dict[str, Server]]:
+    """One server per fixture, by the same keys; each stopped with SIGTERM at the end, which it must
+    answer by exiting 0."""
+    started: dict[str, Server] = {}
+    try:
+        for key, fixture in fixtures.items():
+            started[key] = launch_server(name=f"{prefix}-{key}", args=[], log_dir=log_dir, model=fixture, binary=binary)
+        yield started
+    finally:
+        for server in started.values():
+            try:
+                code = server.stop(STOP_TIMEOUT_S)
+            finally:
+                server.kill()
+            assert code == 0, f"{server.name} exited with {code}:\n{server.log_tail()}"

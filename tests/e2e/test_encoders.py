@@ -18,7 +18,7 @@ import pytest
 from huggingface_hub import InferenceClient
 from openai import OpenAI
 
-from support import REPO_ROOT, REQUEST_TIMEOUT_S, STOP_TIMEOUT_S, Server, assert_error, launch_server
+from support import REPO_ROOT, REQUEST_TIMEOUT_S, Server, assert_error, served
 
 ENCODERS = REPO_ROOT / "tests" / "fixtures" / "encoders"
 SCORE_TOLERANCE = 1e-4
@@ -35,20 +35,8 @@ TASKS = {
 
 @pytest.fixture(scope="module")
 def servers(candlewick_bin: Path, log_dir: Path) -> Iterator[dict[str, Server]]:
-    started: dict[str, Server] = {}
-    try:
-        for head, fixture in TASKS.items():
-            started[head] = launch_server(
-                name=f"encoder-{head}", args=[], log_dir=log_dir, model=fixture, binary=candlewick_bin
-            )
+    with served(TASKS, prefix="encoder", log_dir=log_dir, binary=candlewick_bin) as started:
         yield started
-    finally:
-        for server in started.values():
-            try:
-                code = server.stop(STOP_TIMEOUT_S)
-            finally:
-                server.kill()
-            assert code == 0, f"{server.name} exited with {code}:\n{server.log_tail()}"
 
 
 def cases(head: str) -> list[dict[str, Any]]:

@@ -14,7 +14,7 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from support import REPO_ROOT, REQUEST_TIMEOUT_S, STOP_TIMEOUT_S, Server, assert_error, launch_server
+from support import REPO_ROOT, REQUEST_TIMEOUT_S, Server, assert_error, served
 from test_encoders import assert_same, post_case
 
 GPT2 = REPO_ROOT / "tests" / "fixtures" / "gpt2"
@@ -30,20 +30,8 @@ ROUTES = {
 def servers(candlewick_bin: Path, log_dir: Path) -> Iterator[dict[str, Server]]:
     fixtures = {"gelu-new-tied": GPT2 / "gelu-new-tied", "bpe-files": GPT2 / "bpe-files"}
     fixtures.update({head: HEADS / head for head in ROUTES})
-    started: dict[str, Server] = {}
-    try:
-        for name, fixture in fixtures.items():
-            started[name] = launch_server(
-                name=f"gpt2-{name}", args=[], log_dir=log_dir, model=fixture, binary=candlewick_bin
-            )
+    with served(fixtures, prefix="gpt2", log_dir=log_dir, binary=candlewick_bin) as started:
         yield started
-    finally:
-        for server in started.values():
-            try:
-                code = server.stop(STOP_TIMEOUT_S)
-            finally:
-                server.kill()
-            assert code == 0, f"{server.name} exited with {code}:\n{server.log_tail()}"
 
 
 def greedy_reference(name: str) -> dict:
