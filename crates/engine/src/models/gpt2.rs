@@ -22,6 +22,7 @@ use crate::encoder::layers::scaled_attention;
 use crate::encoder::{EncoderContract, EncoderInput, EncoderModel, EncoderOutput, EncoderTask};
 use crate::error::{EngineError, Result};
 use crate::layers::{HiddenAct, Linear, Norm, Quantize, QuantizeOptions, QuantizeReport};
+use crate::models::scored_token;
 
 fn default_vocab_size() -> usize {
     50257
@@ -302,11 +303,10 @@ impl Gpt2Model {
                 });
             }
         }
-        let positions = Tensor::from_slice(&batch.positions, rows * seq, self.wte().device())?;
-        let positions = self
-            .wpe
-            .forward(&positions)?
-            .reshape((rows, seq, self.config.n_embd))?;
+        let positions =
+            self.wpe
+                .forward(batch.position_ids())?
+                .reshape((rows, seq, self.config.n_embd))?;
         let mut x = (self.wte.forward(&batch.input_ids)? + positions)?;
         for (index, block) in self.blocks.iter().enumerate() {
             x = block.forward(&x, |queries, keys, values| {
@@ -527,19 +527,12 @@ impl Gpt2SequenceHead {
         })
     }
 
-    /// The token whose hidden state the head reads. For the score head, as transformers 4.37.2
-    /// picks it: the position before the first `pad_token_id`, modulo the length, so the last token
-    /// of a sequence without that id (and of every right-padded row). For the multiple-choice head,
-    /// the choice's last token: the default `mc_token_ids` of an unpadded choice.
+    /// The token whose hidden state the head reads: for the score head, the token before the
+    /// first pad as transformers picks it ([`scored_token`]); for the multiple-choice head, the
+    /// choice's last token, the default `mc_token_ids` of an unpadded choice.
     fn pooled_index(&self, sequence: &[u32]) -> usize {
         match self.head {
-            SequenceHead::Score { .. } => {
-                let first_pad = self
-                    .pad_token_id
-                    .and_then(|pad| sequence.iter().position(|&t| t == pad))
-                    .unwrap_or(0);
-                (first_pad + sequence.len() - 1) % sequence.len()
-            }
+            SequenceHead::Score { .. } => scored_token(self.pad_token_id, sequence),
             SequenceHead::MultipleChoice { .. } => sequence.len() - 1,
         }
     }

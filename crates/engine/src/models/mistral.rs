@@ -19,7 +19,7 @@ use crate::layers::{
     GatedMlp, Linear, Quantize, QuantizeOptions, QuantizeReport, RmsNorm, RotaryEmbedding,
     RotaryTables, WeightQuantization,
 };
-use crate::models::refuse_if_set;
+use crate::models::{refuse_if_set, scored_token};
 
 fn default_kv_heads() -> usize {
     8
@@ -495,17 +495,9 @@ impl MistralForSequenceClassification {
         })
     }
 
-    /// The token whose hidden state is scored, as transformers 4.37.2 picks it: the position
-    /// before the first `pad_token_id` in the sequence, modulo its length. For a sequence
-    /// without that id this is its last token (index -1), which is also what a left- or
-    /// right-padded batch gives for every row; a sequence that contains the pad id as a real
-    /// token is scored at the token before it, exactly as transformers does for it alone.
+    /// The token whose hidden state is scored (see [`scored_token`]).
     fn pooled_index(&self, sequence: &[u32]) -> usize {
-        let first_pad = self
-            .pad_token_id
-            .and_then(|pad| sequence.iter().position(|&t| t == pad))
-            .unwrap_or(0);
-        (first_pad + sequence.len() - 1) % sequence.len()
+        scored_token(self.pad_token_id, sequence)
     }
 }
 

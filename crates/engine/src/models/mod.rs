@@ -50,6 +50,18 @@ pub(crate) fn load_decoder_classifier(
     }
 }
 
+/// The token a decoder's sequence classifier scores, as transformers 4.37.2 picks it: the position
+/// before the first `pad_token_id` in the sequence, modulo its length. For a sequence without that
+/// id this is its last token (index -1), which is also what a left- or right-padded batch gives for
+/// every row; a sequence that contains the pad id as a real token is scored at the token before it,
+/// exactly as transformers does for it alone.
+pub(crate) fn scored_token(pad_token_id: Option<u32>, sequence: &[u32]) -> usize {
+    let first_pad = pad_token_id
+        .and_then(|pad| sequence.iter().position(|&t| t == pad))
+        .unwrap_or(0);
+    (first_pad + sequence.len() - 1) % sequence.len()
+}
+
 /// Parses config.json into a model's config struct.
 pub fn parse_config<T: serde::de::DeserializeOwned>(config_json: &str) -> Result<T> {
     serde_json::from_str(config_json).map_err(|e| EngineError::BadFile {
