@@ -118,7 +118,7 @@ impl ModelFiles {
             .transpose()?;
         let tokenizer = match fetcher.optional("tokenizer.json")? {
             Some(path) => std::fs::read(&path).map_err(|e| bad_file(&path, e))?,
-            // GPT-2-style folders may have only the slow tokenizer's files.
+            // GPT-2- and BERT-style folders may have only the slow tokenizer's files.
             None => match (
                 fetcher.optional("vocab.json")?,
                 fetcher.optional("merges.txt")?,
@@ -126,12 +126,16 @@ impl ModelFiles {
                 (Some(vocab), Some(merges)) => {
                     byte_level_bpe_json(&vocab, &merges, tokenizer_config.as_deref())?
                 }
-                _ => {
-                    return Err(EngineError::MissingFile {
-                        file: "tokenizer.json (or vocab.json and merges.txt)".into(),
-                        location: fetcher.location(),
-                    })
-                }
+                _ => match fetcher.optional("vocab.txt")? {
+                    Some(vocab) => wordpiece_json(&vocab, lowercases(tokenizer_config.as_deref()))?,
+                    None => {
+                        return Err(EngineError::MissingFile {
+                            file: "tokenizer.json (or vocab.json and merges.txt, or vocab.txt)"
+                                .into(),
+                            location: fetcher.location(),
+                        })
+                    }
+                },
             },
         };
         let generation_config = fetcher
@@ -443,6 +447,69 @@ pub fn byte_level_bpe_json(
         .to_string(false)
         .map(String::into_bytes)
         .map_err(|e| EngineError::Internal(format!("cannot serialize the tokenizer: {e}")))
+}
+
+/// The special tokens of a BERT WordPiece vocabulary, in the order `BertTokenizer` lists them.
+pub const WORDPIECE_SPECIAL: [&str; 5] = ["[UNK]", "[SEP]", "[PAD]", "[CLS]", "[MASK]"];
+
+/// tokenizer.json of the WordPiece tokenizer that a BERT `vocab.txt` describes, as transformers'
+/// `BertTokenizerFast` builds it: BERT's normalizer (lowercasing when `lowercase`) and
+/// pre-tokenizer, WordPiece with `##` continuations and `[UNK]`, `[CLS] A [SEP] B [SEP]` around
+/// the texts, and the special tokens kept whole.
+pub fn wordpiece_json(vocab: &Path, lowercase: bool) -> Result<Vec<u8>> {
+    use tokenizers::decoders::wordpiece::WordPiece as WordPieceDecoder;
+    use tokenizers::models::wordpiece::WordPiece;
+    use tokenizers::normalizers::bert::BertNormalizer;
+    use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
+    use tokenizers::processors::bert::BertProcessing;
+    use tokenizers::{AddedToken, Model, Tokenizer};
+
+    let model = WordPiece::from_file(&vocab.to_string_lossy())
+        .unk_token("[UNK]".into())
+        .continuing_subword_prefix("##".into())
+        .build()
+        .map_err(|e| bad_file(vocab, e))?;
+    let id = |token: &str| {
+        model
+            .token_to_id(token)
+            .ok_or_else(|| EngineError::BadFile {
+                path: vocab.display().to_string(),
+                reason: format!("the vocabulary has no {token}"),
+            })
+    };
+    let (sep, cls) = (id("[SEP]")?, id("[CLS]")?);
+    for token in WORDPIECE_SPECIAL {
+        id(token)?;
+    }
+    let mut tokenizer = Tokenizer::new(model);
+    tokenizer
+        .with_normalizer(Some(BertNormalizer::new(true, true, None, lowercase)))
+        .map_err(|e| EngineError::Internal(format!("cannot set the normalizer: {e}")))?
+        .with_pre_tokenizer(Some(BertPreTokenizer))
+        .with_post_processor(Some(BertProcessing::new(
+            ("[SEP]".into(), sep),
+            ("[CLS]".into(), cls),
+        )))
+        .with_decoder(Some(WordPieceDecoder::new("##".into(), true)));
+    let special: Vec<AddedToken> = WORDPIECE_SPECIAL
+        .iter()
+        .map(|token| AddedToken::from(*token, true))
+        .collect();
+    tokenizer
+        .add_special_tokens(special)
+        .map_err(|e| EngineError::Internal(format!("cannot add the special tokens: {e}")))?;
+    tokenizer
+        .to_string(false)
+        .map(String::into_bytes)
+        .map_err(|e| EngineError::Internal(format!("cannot serialize the tokenizer: {e}")))
+}
+
+/// `do_lower_case` of a BERT tokenizer_config.json; `BertTokenizer`'s default is true.
+fn lowercases(tokenizer_config: Option<&str>) -> bool {
+    tokenizer_config
+        .and_then(|text| serde_json::from_str::<serde_json::Value>(text).ok())
+        .and_then(|config| config.get("do_lower_case").and_then(|v| v.as_bool()))
+        .unwrap_or(true)
 }
 
 fn bad_file(path: &Path, error: impl std::fmt::Display) -> EngineError {

@@ -192,7 +192,7 @@ fn classify_prints_every_label_with_the_reference_scores() {
 
 #[test]
 fn convert_megatron_gpt2_writes_a_folder_that_generate_serves_and_refuses_a_legacy_file() {
-    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/megatron-gpt2");
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/megatron");
     let out = std::env::temp_dir().join(format!("candlewick-cli-convert-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
     let convert = |checkpoint: &Path| {
@@ -200,15 +200,15 @@ fn convert_megatron_gpt2_writes_a_folder_that_generate_serves_and_refuses_a_lega
             .args(["convert", "megatron-gpt2", "--checkpoint"])
             .arg(checkpoint)
             .arg("--vocab")
-            .arg(fixtures.join("tokenizer/vocab.json"))
+            .arg(fixtures.join("gpt2-v1/vocab.json"))
             .arg("--merges")
-            .arg(fixtures.join("tokenizer/merges.txt"))
+            .arg(fixtures.join("gpt2-v1/merges.txt"))
             .arg("--out")
             .arg(&out)
             .output()
             .unwrap()
     };
-    let done = convert(&fixtures.join("v0/checkpoint.zip"));
+    let done = convert(&fixtures.join("gpt2-v1/model_optim_rng.pt"));
     assert!(
         done.status.success(),
         "{}",
@@ -247,5 +247,41 @@ fn convert_megatron_gpt2_writes_a_folder_that_generate_serves_and_refuses_a_lega
         message.contains("legacy format") && message.contains("torch.save"),
         "{message}"
     );
+    std::fs::remove_dir_all(&out).unwrap();
+}
+
+#[test]
+fn convert_megatron_bert_writes_a_folder_with_its_wordpiece_tokenizer() {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/megatron");
+    let out = std::env::temp_dir().join(format!(
+        "candlewick-cli-convert-bert-{}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&out);
+    let done = candlewick()
+        .args(["convert", "megatron-bert", "--checkpoint"])
+        .arg(fixtures.join("bert-v1/model_optim_rng.pt"))
+        .arg("--vocab")
+        .arg(fixtures.join("bert-v1/vocab.txt"))
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["architectures"][0], "MegatronBertForPreTraining");
+    let tokenizer = tokenizers::Tokenizer::from_file(out.join("tokenizer.json")).unwrap();
+    // [CLS] [MASK] [SEP]: the special token stays whole, between the ones the template adds.
+    let encoding = tokenizer.encode("[MASK]", true).unwrap();
+    assert_eq!(encoding.get_ids(), [101, 103, 102]);
+    let tokenizer_config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("tokenizer_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(tokenizer_config["do_lower_case"], true);
     std::fs::remove_dir_all(&out).unwrap();
 }

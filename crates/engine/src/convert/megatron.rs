@@ -3,6 +3,7 @@
 //! the same config values and the same tensors, bit for bit (written as safetensors).
 
 use std::collections::BTreeMap;
+use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Value as Json};
@@ -44,6 +45,9 @@ struct Megatron<'a> {
     version: f64,
 }
 
+/// Each layer's tensors, by layer index, under their names inside the layer.
+type ByLayer = BTreeMap<usize, Vec<(String, TensorRef)>>;
+
 impl<'a> Megatron<'a> {
     fn new(checkpoint: &'a mut Checkpoint) -> Self {
         let root = checkpoint.root.clone();
@@ -61,6 +65,34 @@ impl<'a> Megatron<'a> {
             args,
             version,
         }
+    }
+
+    /// For a size mismatch: where the sizes came from when the checkpoint has no `args`.
+    fn config_hint(&self) -> &'static str {
+        if self.args.is_some() {
+            ""
+        } else {
+            " (the checkpoint has no args, so the sizes are the 345M model's: pass --config \
+             with the model's config.json)"
+        }
+    }
+
+    /// Every layer index below `n_layer` is there, and no other.
+    fn check_layers<T>(
+        &self,
+        layers: &BTreeMap<usize, T>,
+        n_layer: usize,
+    ) -> Result<(), ConvertError> {
+        let found = layers.keys().next_back().map_or(0, |last| last + 1);
+        if found != n_layer || layers.len() != n_layer {
+            return Err(self.error(format!(
+                "the checkpoint has layers for {} indices up to {found}, and the config {n_layer} \
+                 layers{}",
+                layers.len(),
+                self.config_hint()
+            )));
+        }
+        Ok(())
     }
 
     fn error(&self, reason: String) -> ConvertError {
@@ -119,7 +151,7 @@ impl<'a> Megatron<'a> {
     }
 
     /// The transformer's layer tensors by layer, and its other entries.
-    fn layers(&self) -> Result<(BTreeMap<usize, Vec<(String, TensorRef)>>, Value), ConvertError> {
+    fn layers(&self) -> Result<(ByLayer, Value), ConvertError> {
         let lm = self.at("model/language_model")?;
         let transformer = lm
             .get("transformer")
@@ -231,28 +263,176 @@ fn refs(names: &[String]) -> Vec<&str> {
     names.iter().map(String::as_str).collect()
 }
 
-/// Converts a Megatron-LM GPT-2 checkpoint as `convert_megatron_gpt2_checkpoint.py` does.
+/// transformers' `GPT2Config()` as config.json spells it.
+fn gpt2_defaults() -> BTreeMap<String, Json> {
+    let defaults = [
+        ("activation_function", json!("gelu_new")),
+        ("attn_pdrop", json!(0.1)),
+        ("bos_token_id", json!(50256)),
+        ("embd_pdrop", json!(0.1)),
+        ("eos_token_id", json!(50256)),
+        ("initializer_range", json!(0.02)),
+        ("layer_norm_epsilon", json!(1e-5)),
+        ("model_type", json!("gpt2")),
+        ("n_embd", json!(768)),
+        ("n_head", json!(12)),
+        ("n_inner", Json::Null),
+        ("n_layer", json!(12)),
+        ("n_positions", json!(1024)),
+        ("reorder_and_upcast_attn", json!(false)),
+        ("resid_pdrop", json!(0.1)),
+        ("scale_attn_by_inverse_layer_idx", json!(false)),
+        ("scale_attn_weights", json!(true)),
+        ("summary_activation", Json::Null),
+        ("summary_first_dropout", json!(0.1)),
+        ("summary_proj_to_labels", json!(true)),
+        ("summary_type", json!("cls_index")),
+        ("summary_use_proj", json!(true)),
+        ("transformers_version", json!(TRANSFORMERS_VERSION)),
+        ("use_cache", json!(true)),
+        ("vocab_size", json!(50257)),
+    ];
+    defaults
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect()
+}
+
+/// transformers' `MegatronBertConfig()` as config.json spells it.
+fn bert_defaults() -> BTreeMap<String, Json> {
+    let defaults = [
+        ("attention_probs_dropout_prob", json!(0.1)),
+        ("hidden_act", json!("gelu")),
+        ("hidden_dropout_prob", json!(0.1)),
+        ("hidden_size", json!(1024)),
+        ("initializer_range", json!(0.02)),
+        ("intermediate_size", json!(4096)),
+        ("layer_norm_eps", json!(1e-12)),
+        ("max_position_embeddings", json!(512)),
+        ("model_type", json!("megatron-bert")),
+        ("num_attention_heads", json!(16)),
+        ("num_hidden_layers", json!(24)),
+        ("pad_token_id", json!(0)),
+        ("position_embedding_type", json!("absolute")),
+        ("transformers_version", json!(TRANSFORMERS_VERSION)),
+        ("type_vocab_size", json!(2)),
+        ("use_cache", json!(true)),
+        ("vocab_size", json!(29056)),
+    ];
+    defaults
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect()
+}
+
+/// The converters' config.json says it was written by this version.
+const TRANSFORMERS_VERSION: &str = "4.37.2";
+
+/// The class defaults with a `--config` file's values over them (`from_json_file`).
+fn with_config_file(
+    mut defaults: BTreeMap<String, Json>,
+    file: &Json,
+    path: &str,
+) -> Result<BTreeMap<String, Json>, ConvertError> {
+    let Json::Object(values) = file else {
+        return Err(ConvertError::Layout {
+            path: path.to_owned(),
+            reason: "the config file is not a JSON object".into(),
+        });
+    };
+    for (key, value) in values {
+        defaults.insert(key.clone(), value.clone());
+    }
+    defaults.insert("transformers_version".into(), json!(TRANSFORMERS_VERSION));
+    Ok(defaults)
+}
+
+/// A size of the config being built.
+fn config_size(
+    m: &Megatron,
+    config: &BTreeMap<String, Json>,
+    key: &str,
+) -> Result<usize, ConvertError> {
+    config
+        .get(key)
+        .and_then(Json::as_u64)
+        .map(|n| n as usize)
+        .ok_or_else(|| {
+            m.error(format!(
+                "the config's {key} is not a size: {:?}",
+                config.get(key)
+            ))
+        })
+}
+
+/// A config file for a converter, read by the caller: its path (for errors) and its values.
+pub struct ConfigFile<'a> {
+    pub path: &'a str,
+    pub values: &'a Json,
+}
+
+/// Converts a Megatron-LM GPT-2 checkpoint as `convert_megatron_gpt2_checkpoint.py` does: without a
+/// config file, NVIDIA's 345M GPT-2 with the activation the args' flags pick; with one
+/// (`--config_file`), `GPT2Config` from it; either way `args`, when the checkpoint has them, set the
+/// sizes.
 pub fn gpt2(
     checkpoint: &mut Checkpoint,
+    config_file: Option<ConfigFile>,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<Converted, ConvertError> {
     let mut m = Megatron::new(checkpoint);
-    let activation = match &m.args {
-        Some(args) if args.get("bias_gelu_fusion").and_then(Value::as_bool) == Some(true) => {
-            "gelu_fast"
+    let mut config = match config_file {
+        Some(file) => with_config_file(gpt2_defaults(), file.values, file.path)?,
+        None => {
+            let activation = match &m.args {
+                Some(args)
+                    if args.get("bias_gelu_fusion").and_then(Value::as_bool) == Some(true) =>
+                {
+                    "gelu_fast"
+                }
+                Some(args) if args.get("openai_gelu").and_then(Value::as_bool) == Some(true) => {
+                    "gelu_new"
+                }
+                Some(_) => "gelu",
+                None => "gelu_new",
+            };
+            let mut config = gpt2_defaults();
+            for (key, value) in [
+                ("activation_function", json!(activation)),
+                ("n_embd", json!(1024)),
+                ("n_head", json!(16)),
+                ("n_inner", json!(4096)),
+                ("n_layer", json!(24)),
+            ] {
+                config.insert(key.into(), value);
+            }
+            config
         }
-        Some(args) if args.get("openai_gelu").and_then(Value::as_bool) == Some(true) => "gelu_new",
-        Some(_) => "gelu",
-        None => "gelu_new",
     };
-    let vocab_size = m.required_arg("padded_vocab_size")?.unwrap_or(50257);
-    let n_positions = m.required_arg("max_position_embeddings")?.unwrap_or(1024);
-    let n_embd = m.required_arg("hidden_size")?.unwrap_or(1024);
-    let n_layer = m.required_arg("num_layers")?.unwrap_or(24);
-    let n_head = m.required_arg("num_attention_heads")?.unwrap_or(16);
-    let n_inner = m
-        .arg_usize("ffn_hidden_size")?
-        .unwrap_or(if m.args.is_some() { 4 * n_embd } else { 4096 });
+    if m.args.is_some() {
+        for (key, arg) in [
+            ("vocab_size", "padded_vocab_size"),
+            ("n_positions", "max_position_embeddings"),
+            ("n_embd", "hidden_size"),
+            ("n_layer", "num_layers"),
+            ("n_head", "num_attention_heads"),
+        ] {
+            if let Some(value) = m.required_arg(arg)? {
+                config.insert(key.into(), json!(value));
+            }
+        }
+        let n_embd = config_size(&m, &config, "n_embd")?;
+        let n_inner = m.arg_usize("ffn_hidden_size")?.unwrap_or(4 * n_embd);
+        config.insert("n_inner".into(), json!(n_inner));
+    }
+    config.insert("architectures".into(), json!(["GPT2LMHeadModel"]));
+    config.insert("tokenizer_class".into(), json!("GPT2TokenizerFast"));
+
+    let vocab_size = config_size(&m, &config, "vocab_size")?;
+    let n_positions = config_size(&m, &config, "n_positions")?;
+    let n_embd = config_size(&m, &config, "n_embd")?;
+    let n_layer = config_size(&m, &config, "n_layer")?;
+    let n_head = config_size(&m, &config, "n_head")?;
     if n_head == 0 || n_embd % n_head != 0 {
         return Err(m.error(format!(
             "hidden size {n_embd} is not a multiple of {n_head} heads"
@@ -270,17 +450,12 @@ pub fn gpt2(
     let positions = wpe.dim(0).map_err(wrap("position embeddings"))?;
     if positions != n_positions {
         return Err(m.error(format!(
-            "the position embeddings have {positions} rows and the config {n_positions} positions"
+            "the position embeddings have {positions} rows and the config {n_positions} positions{}",
+            m.config_hint()
         )));
     }
     let (layers, transformer) = m.layers()?;
-    let found = layers.keys().next_back().map_or(0, |last| last + 1);
-    if found != n_layer || layers.len() != n_layer {
-        return Err(m.error(format!(
-            "the checkpoint has layers for {} indices up to {found}, and the config {n_layer} layers",
-            layers.len()
-        )));
-    }
+    m.check_layers(&layers, n_layer)?;
     let mut out: Vec<(String, Tensor)> = vec![
         ("transformer.wte.weight".into(), wte.clone()),
         ("transformer.wpe.weight".into(), wpe),
@@ -343,39 +518,266 @@ pub fn gpt2(
     }
     out.push(("lm_head.weight".into(), wte));
 
-    let config = [
-        ("activation_function", json!(activation)),
-        ("architectures", json!(["GPT2LMHeadModel"])),
-        ("attn_pdrop", json!(0.1)),
-        ("bos_token_id", json!(50256)),
-        ("embd_pdrop", json!(0.1)),
-        ("eos_token_id", json!(50256)),
-        ("initializer_range", json!(0.02)),
-        ("layer_norm_epsilon", json!(1e-5)),
-        ("model_type", json!("gpt2")),
-        ("n_embd", json!(n_embd)),
-        ("n_head", json!(n_head)),
-        ("n_inner", json!(n_inner)),
-        ("n_layer", json!(n_layer)),
-        ("n_positions", json!(n_positions)),
-        ("reorder_and_upcast_attn", json!(false)),
-        ("resid_pdrop", json!(0.1)),
-        ("scale_attn_by_inverse_layer_idx", json!(false)),
-        ("scale_attn_weights", json!(true)),
-        ("summary_activation", Json::Null),
-        ("summary_first_dropout", json!(0.1)),
-        ("summary_proj_to_labels", json!(true)),
-        ("summary_type", json!("cls_index")),
-        ("summary_use_proj", json!(true)),
-        ("tokenizer_class", json!("GPT2TokenizerFast")),
-        ("transformers_version", json!("4.37.2")),
-        ("use_cache", json!(true)),
-        ("vocab_size", json!(vocab_size)),
-    ];
     Ok(Converted {
-        config: config.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
+        config,
         tensors: out,
     })
+}
+
+/// Converts a Megatron-LM BERT checkpoint as `convert_megatron_bert_checkpoint.py` does:
+/// `MegatronBertConfig()` with the vocabulary of `lm_head.bias`, or the config file's values; then
+/// the checkpoint's `args`, when it has them, set the sizes and `tokenizer_type`. The config also
+/// names `MegatronBertForPreTraining` (the heads the checkpoint holds), which transformers' file
+/// leaves out, so that the folder serves fill-mask and next-sentence prediction as it is.
+pub fn bert(
+    checkpoint: &mut Checkpoint,
+    config_file: Option<ConfigFile>,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<Converted, ConvertError> {
+    let mut m = Megatron::new(checkpoint);
+    let mut config = match config_file {
+        Some(file) => with_config_file(bert_defaults(), file.values, file.path)?,
+        None => {
+            let bias = m.tensor_ref(m.at("model/lm_head/bias")?, "model/lm_head/bias")?;
+            let mut config = bert_defaults();
+            config.insert(
+                "vocab_size".into(),
+                json!(bias.shape.iter().product::<usize>()),
+            );
+            config
+        }
+    };
+    if let Some(args) = &m.args {
+        if let Some(tokenizer) = args.get("tokenizer_type").and_then(Value::as_str) {
+            config.insert("tokenizer_type".into(), json!(tokenizer));
+        }
+        for (key, arg) in [
+            ("vocab_size", "padded_vocab_size"),
+            ("max_position_embeddings", "max_position_embeddings"),
+            ("hidden_size", "hidden_size"),
+            ("num_hidden_layers", "num_layers"),
+            ("num_attention_heads", "num_attention_heads"),
+        ] {
+            if let Some(value) = m.required_arg(arg)? {
+                config.insert(key.into(), json!(value));
+            }
+        }
+        let hidden = config_size(&m, &config, "hidden_size")?;
+        let intermediate = m.arg_usize("ffn_hidden_size")?.unwrap_or(4 * hidden);
+        config.insert("intermediate_size".into(), json!(intermediate));
+    }
+    config.insert(
+        "architectures".into(),
+        json!(["MegatronBertForPreTraining"]),
+    );
+
+    let vocab_size = config_size(&m, &config, "vocab_size")?;
+    let positions = config_size(&m, &config, "max_position_embeddings")?;
+    let hidden = config_size(&m, &config, "hidden_size")?;
+    let n_layer = config_size(&m, &config, "num_hidden_layers")?;
+    let heads = config_size(&m, &config, "num_attention_heads")?;
+    if heads == 0 || hidden % heads != 0 {
+        return Err(m.error(format!(
+            "hidden size {hidden} is not a multiple of {heads} heads"
+        )));
+    }
+
+    let word = m.tensor("model/language_model/embedding/word_embeddings/weight")?;
+    let word_rows = word.dim(0).map_err(wrap("word embeddings"))?;
+    let word = word
+        .narrow(0, 0, vocab_size.min(word_rows))
+        .and_then(|t| t.contiguous())
+        .map_err(wrap("word embeddings"))?;
+    let position = m.tensor("model/language_model/embedding/position_embeddings/weight")?;
+    if position.dims() != [positions, hidden] {
+        return Err(m.error(format!(
+            "the position embeddings are {:?} and the config has {positions} positions of {hidden}{}",
+            position.dims(),
+            m.config_hint()
+        )));
+    }
+    let token_type = m.tensor("model/language_model/embedding/tokentype_embeddings/weight")?;
+    let mut out: Vec<(String, Tensor)> = vec![
+        (
+            "bert.embeddings.word_embeddings.weight".into(),
+            word.clone(),
+        ),
+        (
+            "bert.embeddings.position_embeddings.weight".into(),
+            position,
+        ),
+        (
+            "bert.embeddings.token_type_embeddings.weight".into(),
+            token_type,
+        ),
+    ];
+    let (layers, transformer) = m.layers()?;
+    m.check_layers(&layers, n_layer)?;
+    let rows = |t: &Tensor, part: usize, what: &str| {
+        t.narrow(0, part * hidden, hidden)
+            .and_then(|t| t.contiguous())
+            .map_err(wrap(what))
+    };
+    for (&layer, tensors) in &layers {
+        progress(layer, n_layer);
+        let layer_tensors = LayerTensors {
+            layer,
+            tensors: tensors.clone(),
+        };
+        let name = |suffix: &str| format!("bert.encoder.layer.{layer}.{suffix}");
+        for (megatron_name, hf) in [
+            ("input_layernorm.weight", "attention.ln.weight"),
+            ("input_layernorm.bias", "attention.ln.bias"),
+        ] {
+            let tensor = layer_tensors.take(&m, &[megatron_name])?;
+            out.push((name(hf), m.read(&tensor)?));
+        }
+        let weight = m.read(&layer_tensors.take(&m, &refs(&names(&QKV, "weight")))?)?;
+        let weight = m.qkv_ordered(weight, heads, hidden / heads)?;
+        let bias = m.read(&layer_tensors.take(&m, &refs(&names(&QKV, "bias")))?)?;
+        let bias = m.qkv_ordered(bias, heads, hidden / heads)?;
+        for (part, projection) in ["query", "key", "value"].into_iter().enumerate() {
+            let what = format!("attention.self.{projection}");
+            out.push((name(&format!("{what}.weight")), rows(&weight, part, &what)?));
+            out.push((name(&format!("{what}.bias")), rows(&bias, part, &what)?));
+        }
+        for (ops, hf) in [
+            (&DENSE[..], "attention.output.dense"),
+            (&["post_attention_layernorm"][..], "ln"),
+            (&["mlp.dense_h_to_4h"][..], "intermediate.dense"),
+            (&["mlp.dense_4h_to_h"][..], "output.dense"),
+        ] {
+            for kind in ["weight", "bias"] {
+                let tensor = layer_tensors.take(&m, &refs(&names(ops, kind)))?;
+                out.push((name(&format!("{hf}.{kind}")), m.read(&tensor)?));
+            }
+        }
+    }
+    let entry = |m: &Megatron, parent: &Value, parent_name: &str, key: &str| {
+        let value = parent
+            .get(key)
+            .ok_or_else(|| m.error(format!("the {parent_name} has no {key}")))?;
+        m.tensor_ref(value, key)
+    };
+    for (megatron_name, hf) in [
+        ("final_layernorm.weight", "bert.encoder.ln.weight"),
+        ("final_layernorm.bias", "bert.encoder.ln.bias"),
+    ] {
+        let tensor = entry(&m, &transformer, "transformer", megatron_name)?;
+        out.push((hf.into(), m.read(&tensor)?));
+    }
+    for (path, hf) in [
+        (
+            "model/language_model/pooler/dense.weight",
+            "bert.pooler.dense.weight",
+        ),
+        (
+            "model/language_model/pooler/dense.bias",
+            "bert.pooler.dense.bias",
+        ),
+        (
+            "model/lm_head/dense.weight",
+            "cls.predictions.transform.dense.weight",
+        ),
+        (
+            "model/lm_head/dense.bias",
+            "cls.predictions.transform.dense.bias",
+        ),
+        (
+            "model/lm_head/layernorm.weight",
+            "cls.predictions.transform.LayerNorm.weight",
+        ),
+        (
+            "model/lm_head/layernorm.bias",
+            "cls.predictions.transform.LayerNorm.bias",
+        ),
+    ] {
+        out.push((hf.into(), m.tensor(path)?));
+    }
+    // The decoder is the word embeddings, as transformers replicates them.
+    out.push(("cls.predictions.decoder.weight".into(), word));
+    for (path, hf) in [
+        ("model/lm_head/bias", "cls.predictions.bias"),
+        ("model/binary_head/weight", "cls.seq_relationship.weight"),
+        ("model/binary_head/bias", "cls.seq_relationship.bias"),
+    ] {
+        out.push((hf.into(), m.tensor(path)?));
+    }
+    Ok(Converted {
+        config,
+        tensors: out,
+    })
+}
+
+/// Writes a converted folder's files.
+struct FolderWriter<'a> {
+    out: &'a Path,
+}
+
+impl<'a> FolderWriter<'a> {
+    fn create(out: &'a Path) -> Result<Self, ConvertError> {
+        let writer = Self { out };
+        std::fs::create_dir_all(out).map_err(|e| writer.error("creating the folder", &e))?;
+        Ok(writer)
+    }
+
+    fn error(&self, what: &str, e: &dyn std::fmt::Display) -> ConvertError {
+        ConvertError::Layout {
+            path: self.out.display().to_string(),
+            reason: format!("{what}: {e}"),
+        }
+    }
+
+    fn write(&self, name: &str, bytes: &[u8]) -> Result<(), ConvertError> {
+        std::fs::write(self.out.join(name), bytes)
+            .map_err(|e| self.error(&format!("writing {name}"), &e))
+    }
+
+    fn json(&self, name: &str, value: &impl serde::Serialize) -> Result<(), ConvertError> {
+        let text = serde_json::to_string_pretty(value).map_err(|e| self.error(name, &e))?;
+        self.write(name, format!("{text}\n").as_bytes())
+    }
+
+    fn copy(&self, source: &Path, name: &str) -> Result<(), ConvertError> {
+        let bytes = std::fs::read(source)
+            .map_err(|e| self.error(&format!("reading {}", source.display()), &e))?;
+        self.write(name, &bytes)
+    }
+
+    /// config.json and model.safetensors.
+    fn model(&self, converted: &Converted) -> Result<(), ConvertError> {
+        self.json("config.json", &converted.config)?;
+        let tensors: std::collections::HashMap<String, Tensor> =
+            converted.tensors.iter().cloned().collect();
+        candle_core::safetensors::save(&tensors, self.out.join("model.safetensors"))
+            .map_err(|e| self.error("writing model.safetensors", &e))
+    }
+}
+
+/// Refuses a tokenizer with more tokens than the model has embedding rows.
+fn check_vocab(
+    converted: &Converted,
+    tokenizer_json: &[u8],
+    source: &Path,
+) -> Result<(), ConvertError> {
+    let layout = |reason: String| ConvertError::Layout {
+        path: source.display().to_string(),
+        reason,
+    };
+    let tokenizer = tokenizers::Tokenizer::from_bytes(tokenizer_json)
+        .map_err(|e| layout(format!("reading the tokenizer back: {e}")))?;
+    let rows = converted
+        .config
+        .get("vocab_size")
+        .and_then(Json::as_u64)
+        .unwrap_or(0) as usize;
+    let tokens = tokenizer.get_vocab_size(true);
+    if tokens > rows {
+        return Err(layout(format!(
+            "the tokenizer has {tokens} tokens and the checkpoint's embeddings {rows} rows"
+        )));
+    }
+    Ok(())
 }
 
 /// Writes `converted` to `out` as a Hugging Face folder: config.json, model.safetensors, and the
@@ -383,48 +785,22 @@ pub fn gpt2(
 /// tokenizer_config.json, special_tokens_map.json), checked against the model's vocabulary.
 pub fn write_gpt2_folder(
     converted: &Converted,
-    vocab: &std::path::Path,
-    merges: &std::path::Path,
-    out: &std::path::Path,
+    vocab: &Path,
+    merges: &Path,
+    out: &Path,
 ) -> Result<(), ConvertError> {
-    let io = |what: &str, e: &dyn std::fmt::Display| ConvertError::Layout {
-        path: out.display().to_string(),
-        reason: format!("{what}: {e}"),
-    };
-    let tokenizer_json = crate::loader::byte_level_bpe_json(vocab, merges, None)
-        .map_err(|e| io("building the tokenizer", &e))?;
-    let tokenizer = tokenizers::Tokenizer::from_bytes(&tokenizer_json)
-        .map_err(|e| io("reading the tokenizer back", &e))?;
-    let model_vocab = converted
-        .config
-        .get("vocab_size")
-        .and_then(Json::as_u64)
-        .unwrap_or(0) as usize;
-    let tokens = tokenizer.get_vocab_size(true);
-    if tokens > model_vocab {
-        return Err(ConvertError::Layout {
-            path: vocab.display().to_string(),
-            reason: format!(
-                "the tokenizer has {tokens} tokens and the checkpoint's embeddings {model_vocab} rows"
-            ),
-        });
-    }
-    std::fs::create_dir_all(out).map_err(|e| io("creating the folder", &e))?;
-    let write = |name: &str, bytes: &[u8]| {
-        std::fs::write(out.join(name), bytes).map_err(|e| io(&format!("writing {name}"), &e))
-    };
-    let config = serde_json::to_string_pretty(&converted.config).map_err(|e| io("config", &e))?;
-    write("config.json", format!("{config}\n").as_bytes())?;
-    let tensors: std::collections::HashMap<String, Tensor> =
-        converted.tensors.iter().cloned().collect();
-    candle_core::safetensors::save(&tensors, out.join("model.safetensors"))
-        .map_err(|e| io("writing model.safetensors", &e))?;
-    for (source, name) in [(vocab, "vocab.json"), (merges, "merges.txt")] {
-        let bytes =
-            std::fs::read(source).map_err(|e| io(&format!("reading {}", source.display()), &e))?;
-        write(name, &bytes)?;
-    }
-    write("tokenizer.json", &tokenizer_json)?;
+    let tokenizer_json = crate::loader::byte_level_bpe_json(vocab, merges, None).map_err(|e| {
+        ConvertError::Layout {
+            path: format!("{} and {}", vocab.display(), merges.display()),
+            reason: format!("building the tokenizer: {e}"),
+        }
+    })?;
+    check_vocab(converted, &tokenizer_json, vocab)?;
+    let folder = FolderWriter::create(out)?;
+    folder.model(converted)?;
+    folder.copy(vocab, "vocab.json")?;
+    folder.copy(merges, "merges.txt")?;
+    folder.write("tokenizer.json", &tokenizer_json)?;
     let eot = "<|endoftext|>";
     let positions = converted
         .config
@@ -440,13 +816,87 @@ pub fn write_gpt2_folder(
         "tokenizer_class": "GPT2Tokenizer",
         "unk_token": eot,
     });
-    let special = json!({"bos_token": eot, "eos_token": eot, "unk_token": eot});
-    for (name, value) in [
-        ("tokenizer_config.json", tokenizer_config),
-        ("special_tokens_map.json", special),
-    ] {
-        let text = serde_json::to_string_pretty(&value).map_err(|e| io(name, &e))?;
-        write(name, format!("{text}\n").as_bytes())?;
+    folder.json("tokenizer_config.json", &tokenizer_config)?;
+    folder.json(
+        "special_tokens_map.json",
+        &json!({"bos_token": eot, "eos_token": eot, "unk_token": eot}),
+    )
+}
+
+/// Whether a BERT's WordPiece lowercases: `lowercase` when given, else what the checkpoint's
+/// `tokenizer_type` says (`BertWordPieceLowerCase` or `BertWordPieceCase`).
+pub fn bert_lowercases(
+    converted: &Converted,
+    lowercase: Option<bool>,
+) -> Result<bool, ConvertError> {
+    if let Some(lowercase) = lowercase {
+        return Ok(lowercase);
     }
-    Ok(())
+    match converted
+        .config
+        .get("tokenizer_type")
+        .and_then(Json::as_str)
+    {
+        Some("BertWordPieceLowerCase") => Ok(true),
+        Some("BertWordPieceCase") => Ok(false),
+        other => Err(ConvertError::Layout {
+            path: "the checkpoint's args".into(),
+            reason: format!(
+                "tokenizer_type {other:?} does not say whether the vocabulary is cased: pass \
+                 --lowercase true or --lowercase false"
+            ),
+        }),
+    }
+}
+
+/// Writes `converted` to `out` as a Hugging Face folder: config.json, model.safetensors, and the
+/// WordPiece tokenizer of `vocab` (vocab.txt, tokenizer.json, tokenizer_config.json,
+/// special_tokens_map.json), checked against the model's vocabulary.
+pub fn write_bert_folder(
+    converted: &Converted,
+    vocab: &Path,
+    lowercase: bool,
+    out: &Path,
+) -> Result<(), ConvertError> {
+    let tokenizer_json =
+        crate::loader::wordpiece_json(vocab, lowercase).map_err(|e| ConvertError::Layout {
+            path: vocab.display().to_string(),
+            reason: format!("building the tokenizer: {e}"),
+        })?;
+    check_vocab(converted, &tokenizer_json, vocab)?;
+    let folder = FolderWriter::create(out)?;
+    folder.model(converted)?;
+    folder.copy(vocab, "vocab.txt")?;
+    folder.write("tokenizer.json", &tokenizer_json)?;
+    let positions = converted
+        .config
+        .get("max_position_embeddings")
+        .cloned()
+        .unwrap_or(Json::Null);
+    folder.json(
+        "tokenizer_config.json",
+        &json!({
+            "clean_up_tokenization_spaces": true,
+            "cls_token": "[CLS]",
+            "do_lower_case": lowercase,
+            "mask_token": "[MASK]",
+            "model_max_length": positions,
+            "pad_token": "[PAD]",
+            "sep_token": "[SEP]",
+            "strip_accents": null,
+            "tokenize_chinese_chars": true,
+            "tokenizer_class": "BertTokenizer",
+            "unk_token": "[UNK]",
+        }),
+    )?;
+    folder.json(
+        "special_tokens_map.json",
+        &json!({
+            "cls_token": "[CLS]",
+            "mask_token": "[MASK]",
+            "pad_token": "[PAD]",
+            "sep_token": "[SEP]",
+            "unk_token": "[UNK]",
+        }),
+    )
 }
