@@ -537,6 +537,75 @@ fn shard_names(index: &Path) -> Result<Vec<String>> {
 mod tests {
     use super::*;
 
+    /// The WordPiece tokenizer built from a vocab.txt behaves as the tokenizer.json transformers'
+    /// `BertTokenizerFast` saved for the same vocabulary: ids, type ids and offsets, single texts
+    /// and pairs, accents, Chinese characters, punctuation, unknown words and special tokens.
+    #[test]
+    fn wordpiece_from_vocab_txt_encodes_as_bert_tokenizer_fast() {
+        use tokenizers::Tokenizer;
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
+        let reference_file = fixtures.join("detokenize/wordpiece/tokenizer.json");
+        let mut reference = Tokenizer::from_file(&reference_file).unwrap();
+        reference.with_padding(None);
+        let mut vocab: Vec<(String, u32)> = reference.get_vocab(false).into_iter().collect();
+        vocab.sort_by_key(|(_, id)| *id);
+        let dir = std::env::temp_dir().join(format!("candlewick-wordpiece-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let vocab_txt = dir.join("vocab.txt");
+        let lines: Vec<&str> = vocab.iter().map(|(token, _)| token.as_str()).collect();
+        std::fs::write(&vocab_txt, lines.join("\n") + "\n").unwrap();
+
+        let ours = Tokenizer::from_bytes(wordpiece_json(&vocab_txt, true).unwrap()).unwrap();
+        let texts = [
+            "Hello, World! It's a test.",
+            "Caf\u{e9} NA\u{cf}VE r\u{e9}sum\u{e9} \u{4e2d}\u{6587}\u{5b57}",
+            "the [MASK] sat on the [MASK].",
+            "unaffable xyzzyq  \t tabs\nand lines",
+            "",
+        ];
+        for (i, text) in texts.iter().enumerate() {
+            let pair = texts[(i + 1) % texts.len()];
+            for (a, b) in [
+                (
+                    ours.encode(*text, true).unwrap(),
+                    reference.encode(*text, true).unwrap(),
+                ),
+                (
+                    ours.encode((*text, pair), true).unwrap(),
+                    reference.encode((*text, pair), true).unwrap(),
+                ),
+            ] {
+                assert_eq!(a.get_ids(), b.get_ids(), "{text:?}");
+                assert_eq!(a.get_type_ids(), b.get_type_ids(), "{text:?}");
+                assert_eq!(a.get_offsets(), b.get_offsets(), "{text:?}");
+                assert_eq!(
+                    a.get_special_tokens_mask(),
+                    b.get_special_tokens_mask(),
+                    "{text:?}"
+                );
+            }
+            let ids = reference.encode(*text, true).unwrap().get_ids().to_vec();
+            assert_eq!(
+                ours.decode(&ids, true).unwrap(),
+                reference.decode(&ids, true).unwrap()
+            );
+        }
+
+        // Cased: the same tokenizer without lowercasing or accent stripping.
+        let cased: serde_json::Value =
+            serde_json::from_slice(&wordpiece_json(&vocab_txt, false).unwrap()).unwrap();
+        assert_eq!(cased["normalizer"]["lowercase"], false);
+        assert!(cased["normalizer"]["strip_accents"].is_null());
+        let missing = dir.join("no-mask.txt");
+        std::fs::write(&missing, "[PAD]\n[UNK]\n[CLS]\n[SEP]\nhello\n").unwrap();
+        let error = wordpiece_json(&missing, true).unwrap_err().to_string();
+        assert!(
+            error.contains("[MASK]") && error.contains("no-mask.txt"),
+            "{error}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[test]
     fn byte_level_bpe_is_built_from_vocab_and_merges_and_refuses_a_mismatch() {
         let dir = std::env::temp_dir().join(format!("candlewick-bpe-{}", std::process::id()));
