@@ -4,8 +4,10 @@ the same checkpoint, prompt ids and thread count: transformers (f32, eager), CTr
 and int8), llama.cpp (f32 and q8_0 GGUF, an f32 KV cache) and Candlewick (f32, q8_0, q4k). Prints one table with each figure's ratio to
 transformers and the CPU model; an engine that cannot run is listed with the reason.
 
-Like for like: the ~100M Mistral of compare_transformers.py (random weights, the real Mistral
-tokenizer), prompts of random ids from a fixed seed, 128 prompt tokens + 64 new ones (inside the
+Like for like: --family mistral (default) measures the ~100M Mistral of compare_transformers.py
+(random weights, the real Mistral tokenizer); --family gpt2 the GPT-2 medium shape (345M) that
+megatron_gpt2_medium.py makes as a Megatron-LM checkpoint and converts with `candlewick convert`
+(float16 weights, every engine computing in f32). Prompts of random ids from a fixed seed, 128 prompt tokens + 64 new ones (inside the
 sliding window, where no engine's window handling matters), greedy. Before timing, each peer's f32
 greedy tokens are checked against transformers' on the same prompt.
 
@@ -13,7 +15,8 @@ Requires: pip install torch transformers==4.37.2 sentencepiece protobuf ctransla
 llama-cpp-python (`pip install` builds it from source with cmake; its converter ships in the
 source distribution: `pip download --no-binary :all: --no-deps llama-cpp-python`, unpack, and
 pass its vendor/llama.cpp folder as --llama-cpp-src)
-Usage: python tests/bench/peers.py [--threads 2] [--batch-sizes 1,16] [--llama-cpp-src DIR]
+Usage: python tests/bench/peers.py [--family mistral|gpt2] [--threads 2] [--batch-sizes 1,16]
+       [--llama-cpp-src DIR]
 (build first: cargo build --release)
 """
 
@@ -29,6 +32,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare_transformers import make_model  # noqa: E402
+import megatron_gpt2_medium  # noqa: E402
+
+FAMILIES = {
+    "mistral": "Mistral ~100M f32 checkpoint",
+    "gpt2": "GPT-2 medium (345M) converted from a Megatron-LM checkpoint, f32 compute",
+}
 
 VOCAB = 32000
 
@@ -76,11 +85,12 @@ class Transformers:
 
     def __init__(self, path: Path, threads: int):
         import torch
-        from transformers import MistralForCausalLM
+        from transformers import AutoModelForCausalLM
 
         torch.set_num_threads(threads)
         self.torch = torch
-        self.model = MistralForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
+        self.model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager",
+                                                          torch_dtype=torch.float32).eval()
 
     def generate(self, rows, new_tokens):
         ids = self.torch.tensor(rows)
@@ -91,7 +101,7 @@ class Transformers:
 
 
 class CTranslate2:
-    def __init__(self, path: Path, threads: int, compute_type: str):
+    def __init__(self, path: Path, family: str, threads: int, compute_type: str):
         import ctranslate2
         import torch
         from ctranslate2.converters import TransformersConverter
@@ -99,7 +109,7 @@ class CTranslate2:
 
         class Converter(TransformersConverter):
             # The converter passes `dtype=` (transformers 4.37 takes `torch_dtype=`) and reads
-            # `config.head_dim`, which 4.37's MistralConfig does not have.
+            # `config.head_dim`, which 4.37's MistralConfig does not have (GPT-2's ignores it).
             def load_model(self, model_class, model_name_or_path, **kwargs):
                 if "dtype" in kwargs:
                     kwargs["torch_dtype"] = kwargs.pop("dtype")
@@ -108,7 +118,7 @@ class CTranslate2:
                 config.head_dim = config.hidden_size // config.num_attention_heads
                 return model
 
-        out = ROOT / ".bench" / "ct2-mistral-100m"
+        out = ROOT / ".bench" / f"ct2-{family}"
         if not (out / "model.bin").exists():
             with torch.no_grad():
                 Converter(str(path)).convert(str(out), force=True)
@@ -128,14 +138,15 @@ class LlamaCpp:
     """llama.cpp through llama-cpp-python's low-level API: every row its own sequence id in one
     batch, the whole prefill one micro-batch, an f32 KV cache, greedy by argmax of the logits."""
 
-    def __init__(self, path: Path, threads: int, outtype: str, src: Path | None, max_batch: int, context: int):
+    def __init__(self, path: Path, family: str, threads: int, outtype: str, src: Path | None, max_batch: int,
+                 context: int):
         import llama_cpp as L
         import numpy as np
 
         if src is None or not (src / "convert_hf_to_gguf.py").exists():
             raise RuntimeError("needs llama.cpp's convert_hf_to_gguf.py: pass --llama-cpp-src, the vendor/llama.cpp "
                                "folder of the llama-cpp-python source distribution")
-        gguf = ROOT / ".bench" / f"mistral-100m-{outtype}.gguf"
+        gguf = ROOT / ".bench" / f"{family}-{outtype}.gguf"
         if not gguf.exists():
             env = dict(os.environ, PYTHONPATH=str(src / "gguf-py"))
             subprocess.run([sys.executable, str(src / "convert_hf_to_gguf.py"), str(path), "--outtype", outtype,
@@ -218,7 +229,8 @@ def main():
     parser.add_argument("--batch-sizes", default="1,16")
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--model-dir", type=Path, default=ROOT / ".bench" / "mistral-100m")
+    parser.add_argument("--family", choices=sorted(FAMILIES), default="mistral")
+    parser.add_argument("--model-dir", type=Path, help="default: .bench/mistral-100m, or .bench/gpt2-medium")
     parser.add_argument("--llama-cpp-src", type=Path, default=os.environ.get("LLAMA_CPP_SRC"),
                         help="vendor/llama.cpp of the llama-cpp-python sdist, for its converter ($LLAMA_CPP_SRC)")
     parser.add_argument("--sp-model", type=Path, default=Path(os.environ.get(
@@ -232,7 +244,11 @@ def main():
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ.setdefault("GOMP_SPINCOUNT", "0")
     os.environ.setdefault("KMP_BLOCKTIME", "0")
-    make_model(args.model_dir, args.sp_model)
+    if args.family == "gpt2":
+        args.model_dir, _ = megatron_gpt2_medium.ensure_converted()
+    else:
+        args.model_dir = args.model_dir or ROOT / ".bench" / "mistral-100m"
+        make_model(args.model_dir, args.sp_model)
 
     rows, skipped, checks = {}, {}, {}
     # Candlewick first, in its own process, before any engine of this one has started threads.
@@ -262,13 +278,13 @@ def main():
     context = args.prompt_len + args.new_tokens + 2
     peers = [
         (f"CTranslate2 {compute_type}",
-         lambda compute_type=compute_type: CTranslate2(args.model_dir, args.threads, compute_type),
+         lambda compute_type=compute_type: CTranslate2(args.model_dir, args.family, args.threads, compute_type),
          compute_type == "float32")
         for compute_type in ("float32", "int8_float32")
     ] + [
         (f"llama.cpp {outtype}",
-         lambda outtype=outtype: LlamaCpp(args.model_dir, args.threads, outtype, args.llama_cpp_src,
-                                          max(batch_sizes), context),
+         lambda outtype=outtype: LlamaCpp(args.model_dir, args.family, args.threads, outtype,
+                                          args.llama_cpp_src, max(batch_sizes), context),
          outtype == "f32")
         for outtype in ("f32", "q8_0")
     ]
@@ -286,7 +302,7 @@ def main():
 
     rows.update(candlewick_rows)
 
-    print(f"CPU: {cpu_model()} ({cpu_flags()}); {args.threads} threads; Mistral ~100M f32 checkpoint; "
+    print(f"CPU: {cpu_model()} ({cpu_flags()}); {args.threads} threads; {FAMILIES[args.family]}; "
           f"prompt {args.prompt_len} + {args.new_tokens} new tokens, greedy")
     base = rows[reference.name]
     header = " | ".join(f"prefill b{b:<3} x    decode b{b:<3} x  " for b in batch_sizes)

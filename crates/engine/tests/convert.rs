@@ -103,8 +103,9 @@ fn bits(tensor: &Tensor) -> Vec<u32> {
         .collect()
 }
 
-/// Our folder's tensors equal the converter's bit for bit, dtypes and shapes included, and its
-/// config.json has the converter's values (plus `extra`, which transformers leaves out).
+/// Our folder's tensors equal the converter's bit for bit, dtypes and shapes included, with the
+/// metadata transformers needs to load them, and its config.json has the converter's values (plus
+/// `extra`, which transformers leaves out).
 fn assert_equal_to_transformers(case: &str, out: &Path, extra: &[(&str, Json)]) {
     let expected_dir = root().join(case).join("expected");
     let expected: HashMap<String, Tensor> =
@@ -122,6 +123,14 @@ fn assert_equal_to_transformers(case: &str, out: &Path, extra: &[(&str, Json)]) 
         assert_eq!(a.dims(), b.dims(), "{case} {name}");
         assert!(bits(a) == bits(b), "{case} {name}: values differ");
     }
+    // transformers' from_pretrained refuses a safetensors file without this metadata.
+    let bytes = std::fs::read(out.join("model.safetensors")).unwrap();
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let format = header
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get("format").cloned());
+    assert_eq!(format.as_deref(), Some("pt"), "{case}");
     let mut config = read_json(&expected_dir.join("config.json"));
     for (key, value) in extra {
         config[*key] = value.clone();
@@ -179,6 +188,14 @@ fn every_gpt2_checkpoint_version_converts_as_transformers_does_and_serves() {
             "Hello world",
             "{case}"
         );
+        // Its merges as "a b" strings, which tokenizers releases before 0.20 (transformers 4.37's)
+        // read too: they refuse ["a", "b"] pairs.
+        let tokenizer = read_json(&out.join("tokenizer.json"));
+        let merges = tokenizer["model"]["merges"].as_array().unwrap();
+        assert_eq!(merges.len(), 40, "{case}");
+        assert!(merges
+            .iter()
+            .all(|m| m.as_str().is_some_and(|m| m.split(' ').count() == 2)));
         std::fs::remove_dir_all(&out).unwrap();
     }
 }

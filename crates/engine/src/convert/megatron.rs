@@ -744,13 +744,20 @@ impl<'a> FolderWriter<'a> {
         self.write(name, &bytes)
     }
 
-    /// config.json and model.safetensors.
+    /// config.json and model.safetensors, with the `"format": "pt"` metadata that transformers'
+    /// `from_pretrained` requires of a safetensors file.
     fn model(&self, converted: &Converted) -> Result<(), ConvertError> {
         self.json("config.json", &converted.config)?;
-        let tensors: std::collections::HashMap<String, Tensor> =
-            converted.tensors.iter().cloned().collect();
-        candle_core::safetensors::save(&tensors, self.out.join("model.safetensors"))
-            .map_err(|e| self.error("writing model.safetensors", &e))
+        let metadata = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+        safetensors::serialize_to_file(
+            converted
+                .tensors
+                .iter()
+                .map(|(name, tensor)| (name.as_str(), tensor)),
+            Some(metadata),
+            &self.out.join("model.safetensors"),
+        )
+        .map_err(|e| self.error("writing model.safetensors", &e))
     }
 }
 
@@ -780,6 +787,35 @@ fn check_vocab(
     Ok(())
 }
 
+/// tokenizer.json with its BPE merges written as `"a b"` strings, the form every release of
+/// tokenizers reads (those before 0.20, which transformers 4.37 installs, refuse the `["a", "b"]`
+/// pairs that later ones write). Unchanged when a merge's part holds a space, which only pairs
+/// can express; byte-level BPE never has one.
+fn portable_merges(tokenizer_json: &[u8]) -> Result<Vec<u8>, ConvertError> {
+    let internal = |e: serde_json::Error| ConvertError::Layout {
+        path: "tokenizer.json".into(),
+        reason: format!("re-reading the tokenizer: {e}"),
+    };
+    let mut tokenizer: Json = serde_json::from_slice(tokenizer_json).map_err(internal)?;
+    let Some(merges) = tokenizer
+        .pointer_mut("/model/merges")
+        .and_then(Json::as_array_mut)
+    else {
+        return Ok(tokenizer_json.to_vec());
+    };
+    let mut joined = Vec::with_capacity(merges.len());
+    for merge in merges.iter() {
+        match merge.as_array().map(Vec::as_slice) {
+            Some([Json::String(a), Json::String(b)]) if !a.contains(' ') && !b.contains(' ') => {
+                joined.push(Json::String(format!("{a} {b}")))
+            }
+            _ => return Ok(tokenizer_json.to_vec()),
+        }
+    }
+    *merges = joined;
+    serde_json::to_vec(&tokenizer).map_err(internal)
+}
+
 /// Writes `converted` to `out` as a Hugging Face folder: config.json, model.safetensors, and the
 /// byte-level BPE tokenizer of `vocab` and `merges` (vocab.json, merges.txt, tokenizer.json,
 /// tokenizer_config.json, special_tokens_map.json), checked against the model's vocabulary.
@@ -800,7 +836,7 @@ pub fn write_gpt2_folder(
     folder.model(converted)?;
     folder.copy(vocab, "vocab.json")?;
     folder.copy(merges, "merges.txt")?;
-    folder.write("tokenizer.json", &tokenizer_json)?;
+    folder.write("tokenizer.json", &portable_merges(&tokenizer_json)?)?;
     let eot = "<|endoftext|>";
     let positions = converted
         .config

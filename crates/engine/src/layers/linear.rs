@@ -97,6 +97,28 @@ impl Linear {
         }
     }
 
+    /// A layer over a weight stored input-major, `[in, out]` (GPT-2's Conv1D), and bias `[out]`,
+    /// in the batched layout of [`Linear::into_batched_layout`]: packed straight from the
+    /// input-major rows where the CPU GEMM runs, transposed once elsewhere.
+    pub fn from_input_major(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        let (in_dim, out_dim) = weight.dims2()?;
+        if weight.device().is_cpu()
+            && weight.dtype() == DType::F32
+            && !crate::kernels::generic_only()
+            && cpu_gemm::available()
+        {
+            let columns: Vec<f32> = weight.flatten_all()?.to_vec1()?;
+            let packed = cpu_gemm::pack_columns(&columns, in_dim, out_dim);
+            let len = packed.len();
+            return Ok(Self {
+                weight: Tensor::from_vec(packed, len, weight.device())?,
+                bias,
+                layout: WeightLayout::Panels { out_dim },
+            });
+        }
+        Self::new(weight.t()?.contiguous()?, bias).into_batched_layout()
+    }
+
     /// A layer over an existing weight (tied embeddings).
     pub fn from_weight(weight: Tensor) -> Self {
         Self::new(weight, None)

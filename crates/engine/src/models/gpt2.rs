@@ -1,7 +1,7 @@
 //! GPT-2 (transformers 4.37.2 `modeling_gpt2`), which is also MegatronGPT2: token and learned
 //! absolute position embeddings, pre-LayerNorm blocks of causal self-attention and an MLP, the
-//! final `ln_f`. Its Conv1D weights are stored `[in, out]` and transposed once at load, so the
-//! blocks run on the same packed matmuls as every other model.
+//! final `ln_f`. Its Conv1D weights are stored `[in, out]` and packed from that layout once at
+//! load, so the blocks run on the same packed matmuls as every other model.
 //!
 //! Served as a causal LM (`GPT2LMHeadModel`, and the LM of `GPT2DoubleHeadsModel`) over the KV
 //! cache, and as an encoder with causal attention under the sequence-, token-classification,
@@ -142,9 +142,9 @@ impl Gpt2Config {
 /// A Conv1D layer of GPT-2 (`weight` stored `[in, out]`, with bias) as a [`Linear`] in the
 /// batched layout.
 fn conv1d(vb: VarBuilder, in_dim: usize, out_dim: usize) -> Result<Linear> {
-    let weight = vb.get((in_dim, out_dim), "weight")?.t()?.contiguous()?;
+    let weight = vb.get((in_dim, out_dim), "weight")?;
     let bias = vb.get(out_dim, "bias")?;
-    Linear::new(weight, Some(bias)).into_batched_layout()
+    Linear::from_input_major(weight, Some(bias))
 }
 
 /// `GPT2Block`: pre-norm causal self-attention (`ln_1`, `attn`) and MLP (`ln_2`, `mlp`), each with

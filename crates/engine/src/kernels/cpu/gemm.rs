@@ -116,6 +116,25 @@ pub fn pack(w: &[f32], n: usize, k: usize) -> Vec<f32> {
     packed
 }
 
+/// [`pack`] of a weight stored input-major, `[k, n]` row-major (GPT-2's Conv1D): the same panels,
+/// each row of a panel one contiguous copy.
+pub fn pack_columns(w: &[f32], k: usize, n: usize) -> Vec<f32> {
+    assert_eq!(w.len(), n * k);
+    let columns = panel_columns();
+    let mut packed = vec![0f32; packed_len(n, k)];
+    packed
+        .par_chunks_mut(k * columns)
+        .enumerate()
+        .for_each(|(panel, out)| {
+            let first = panel * columns;
+            let width = columns.min(n - first);
+            for (p, row) in out.chunks_exact_mut(columns).enumerate() {
+                row[..width].copy_from_slice(&w[p * n + first..p * n + first + width]);
+            }
+        });
+    packed
+}
+
 /// The inputs per output of a [`pack`]ed weight of `n` outputs and `len` floats.
 pub fn packed_inputs(len: usize, n: usize) -> usize {
     len / (n.div_ceil(panel_columns()) * panel_columns())
@@ -511,6 +530,18 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    #[test]
+    fn packing_input_major_weights_gives_the_same_panels() {
+        if !available() {
+            return;
+        }
+        for &(k, n) in &[(1, 1), (33, 17), (64, 130), (7, 64)] {
+            let w = values(n * k, 7);
+            let transposed: Vec<f32> = (0..k * n).map(|i| w[(i % n) * k + i / n]).collect();
+            assert_eq!(pack_columns(&transposed, k, n), pack(&w, n, k), "({k},{n})");
         }
     }
 
