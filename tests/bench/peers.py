@@ -118,6 +118,15 @@ class CTranslate2:
                 config.head_dim = config.hidden_size // config.num_attention_heads
                 return model
 
+            # Megatron pads GPT-2's vocabulary (50257 tokens) to the embedding's 50304 rows; the
+            # converter wants a token per row: placeholders past the tokenizer, never generated
+            # by a prompt's ids.
+            def load_tokenizer(self, tokenizer_class, model_name_or_path, **kwargs):
+                tokenizer = super().load_tokenizer(tokenizer_class, model_name_or_path, **kwargs)
+                rows = json.loads((Path(model_name_or_path) / "config.json").read_text())["vocab_size"]
+                tokenizer.add_tokens([f"<|row {i}|>" for i in range(len(tokenizer), rows)])
+                return tokenizer
+
         out = ROOT / ".bench" / f"ct2-{family}"
         if not (out / "model.bin").exists():
             with torch.no_grad():
@@ -132,6 +141,28 @@ class CTranslate2:
         results = self.generator.generate_batch(tokens, max_length=new_tokens, min_length=new_tokens,
                                                 sampling_topk=1, include_prompt_in_result=False)
         return [result.sequences_ids[0] for result in results]
+
+
+def for_llama_cpp(path: Path) -> Path:
+    """The folder itself, or for a GPT-2 folder a copy that llama.cpp's converter takes: without
+    the causal-mask buffers (`attn.bias`, `attn.masked_bias`; transformers' Megatron converter
+    keeps them, save_pretrained does not, and llama.cpp maps every tensor it is given) and with
+    `n_ctx`, which it reads and GPT2Config no longer writes."""
+    from safetensors.torch import load_file, save_file
+
+    config = json.loads((path / "config.json").read_text())
+    if config.get("model_type") != "gpt2":
+        return path
+    copy = path.parent / f"{path.name}-for-llama-cpp"
+    copy.mkdir(exist_ok=True)
+    for file in path.iterdir():
+        if file.name not in ("model.safetensors", "config.json"):
+            (copy / file.name).write_bytes(file.read_bytes())
+    (copy / "config.json").write_text(json.dumps(dict(config, n_ctx=config["n_positions"]), indent=2))
+    tensors = load_file(path / "model.safetensors")
+    kept = {k: v for k, v in tensors.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+    save_file(kept, copy / "model.safetensors", metadata={"format": "pt"})
+    return copy
 
 
 class LlamaCpp:
@@ -149,7 +180,8 @@ class LlamaCpp:
         gguf = ROOT / ".bench" / f"{family}-{outtype}.gguf"
         if not gguf.exists():
             env = dict(os.environ, PYTHONPATH=str(src / "gguf-py"))
-            subprocess.run([sys.executable, str(src / "convert_hf_to_gguf.py"), str(path), "--outtype", outtype,
+            source = for_llama_cpp(path)
+            subprocess.run([sys.executable, str(src / "convert_hf_to_gguf.py"), str(source), "--outtype", outtype,
                             "--outfile", str(gguf)], check=True, capture_output=True, env=env)
         self.L, self.np, self.name = L, np, f"llama.cpp {outtype}"
         L.llama_backend_init()

@@ -1,6 +1,8 @@
 //! Activation functions by their transformers names.
 
-use candle_core::{Module, Tensor};
+use candle_core::{DType, Module, Tensor};
+
+use crate::kernels::cpu::activation::Gated;
 
 use crate::error::{EngineError, Result};
 
@@ -90,6 +92,17 @@ impl HiddenAct {
 
 impl Module for HiddenAct {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        // The sigmoid-gated ones run vectorized and threaded on CPU (candle's are scalar).
+        let gated = match self {
+            Self::GeluTanh => Some(Gated::GeluTanh),
+            Self::Silu => Some(Gated::Silu),
+            _ => None,
+        };
+        if let Some(kind) = gated {
+            if x.device().is_cpu() && x.dtype() == DType::F32 && !crate::kernels::generic_only() {
+                return x.contiguous()?.apply_op1_no_bwd(&kind);
+            }
+        }
         match self {
             Self::Gelu => x.gelu_erf(),
             Self::GeluClipped10 => x.gelu_erf()?.clamp(-10f32, 10f32),
