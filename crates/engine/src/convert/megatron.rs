@@ -371,6 +371,26 @@ pub struct ConfigFile<'a> {
     pub values: &'a Json,
 }
 
+/// The sizes a checkpoint's `args` set, as transformers' converters copy them: each config key
+/// from its `args` field (a missing one is an error), then the feed-forward width (`inner`) from
+/// `ffn_hidden_size`, else 4 x the hidden size (`hidden`).
+fn sizes_from_args(
+    m: &Megatron,
+    config: &mut BTreeMap<String, Json>,
+    sizes: &[(&str, &str)],
+    (hidden, inner): (&str, &str),
+) -> Result<(), ConvertError> {
+    for &(key, arg) in sizes {
+        if let Some(value) = m.required_arg(arg)? {
+            config.insert(key.into(), json!(value));
+        }
+    }
+    let hidden = config_size(m, config, hidden)?;
+    let width = m.arg_usize("ffn_hidden_size")?.unwrap_or(4 * hidden);
+    config.insert(inner.into(), json!(width));
+    Ok(())
+}
+
 /// Converts a Megatron-LM GPT-2 checkpoint as `convert_megatron_gpt2_checkpoint.py` does: without a
 /// config file, NVIDIA's 345M GPT-2 with the activation the args' flags pick; with one
 /// (`--config_file`), `GPT2Config` from it; either way `args`, when the checkpoint has them, set the
@@ -410,20 +430,14 @@ pub fn gpt2(
         }
     };
     if m.args.is_some() {
-        for (key, arg) in [
+        let sizes = [
             ("vocab_size", "padded_vocab_size"),
             ("n_positions", "max_position_embeddings"),
             ("n_embd", "hidden_size"),
             ("n_layer", "num_layers"),
             ("n_head", "num_attention_heads"),
-        ] {
-            if let Some(value) = m.required_arg(arg)? {
-                config.insert(key.into(), json!(value));
-            }
-        }
-        let n_embd = config_size(&m, &config, "n_embd")?;
-        let n_inner = m.arg_usize("ffn_hidden_size")?.unwrap_or(4 * n_embd);
-        config.insert("n_inner".into(), json!(n_inner));
+        ];
+        sizes_from_args(&m, &mut config, &sizes, ("n_embd", "n_inner"))?;
     }
     config.insert("architectures".into(), json!(["GPT2LMHeadModel"]));
     config.insert("tokenizer_class".into(), json!("GPT2TokenizerFast"));
@@ -551,20 +565,19 @@ pub fn bert(
         if let Some(tokenizer) = args.get("tokenizer_type").and_then(Value::as_str) {
             config.insert("tokenizer_type".into(), json!(tokenizer));
         }
-        for (key, arg) in [
+        let sizes = [
             ("vocab_size", "padded_vocab_size"),
             ("max_position_embeddings", "max_position_embeddings"),
             ("hidden_size", "hidden_size"),
             ("num_hidden_layers", "num_layers"),
             ("num_attention_heads", "num_attention_heads"),
-        ] {
-            if let Some(value) = m.required_arg(arg)? {
-                config.insert(key.into(), json!(value));
-            }
-        }
-        let hidden = config_size(&m, &config, "hidden_size")?;
-        let intermediate = m.arg_usize("ffn_hidden_size")?.unwrap_or(4 * hidden);
-        config.insert("intermediate_size".into(), json!(intermediate));
+        ];
+        sizes_from_args(
+            &m,
+            &mut config,
+            &sizes,
+            ("hidden_size", "intermediate_size"),
+        )?;
     }
     config.insert(
         "architectures".into(),

@@ -98,22 +98,14 @@ pub fn packed_len(n: usize, k: usize) -> usize {
 pub fn pack(w: &[f32], n: usize, k: usize) -> Vec<f32> {
     assert_eq!(w.len(), n * k);
     let columns = panel_columns();
-    let mut packed = vec![0f32; packed_len(n, k)];
-    // Panels are independent: pack them in parallel (a model's whole weights pass through here
-    // at load).
-    packed
-        .par_chunks_mut(k * columns)
-        .enumerate()
-        .for_each(|(panel, out)| {
-            let first = panel * columns;
-            let rows = &w[first * k..((first + columns).min(n)) * k];
-            for (lane, row) in rows.chunks_exact(k).enumerate() {
-                for (p, &value) in row.iter().enumerate() {
-                    out[p * columns + lane] = value;
-                }
+    panels(n, k, |first, out| {
+        let rows = &w[first * k..((first + columns).min(n)) * k];
+        for (lane, row) in rows.chunks_exact(k).enumerate() {
+            for (p, &value) in row.iter().enumerate() {
+                out[p * columns + lane] = value;
             }
-        });
-    packed
+        }
+    })
 }
 
 /// [`pack`] of a weight stored input-major, `[k, n]` row-major (GPT-2's Conv1D): the same panels,
@@ -121,17 +113,24 @@ pub fn pack(w: &[f32], n: usize, k: usize) -> Vec<f32> {
 pub fn pack_columns(w: &[f32], k: usize, n: usize) -> Vec<f32> {
     assert_eq!(w.len(), n * k);
     let columns = panel_columns();
+    panels(n, k, |first, out| {
+        let width = columns.min(n - first);
+        for (p, row) in out.chunks_exact_mut(columns).enumerate() {
+            row[..width].copy_from_slice(&w[p * n + first..p * n + first + width]);
+        }
+    })
+}
+
+/// The zeroed panels of a weight of `n` outputs and `k` inputs, each filled by `fill(its first
+/// output column, the panel)`. Panels are independent: they are filled in parallel (a model's
+/// whole weights pass through here at load).
+fn panels(n: usize, k: usize, fill: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
+    let columns = panel_columns();
     let mut packed = vec![0f32; packed_len(n, k)];
     packed
         .par_chunks_mut(k * columns)
         .enumerate()
-        .for_each(|(panel, out)| {
-            let first = panel * columns;
-            let width = columns.min(n - first);
-            for (p, row) in out.chunks_exact_mut(columns).enumerate() {
-                row[..width].copy_from_slice(&w[p * n + first..p * n + first + width]);
-            }
-        });
+        .for_each(|(panel, out)| fill(panel * columns, out));
     packed
 }
 
