@@ -242,18 +242,15 @@ def transformers_memory(folder: Path, threads: int) -> dict:
     return {"seconds": seconds, "rss_mib": rss, "peak_mib": usage.ru_maxrss / 1024}
 
 
-def ensure_converted() -> tuple[Path, dict]:
+def ensure_converted() -> Path:
     """The converted folder, making the checkpoint and converting it when missing."""
-    figures = {}
     if not CHECKPOINT.exists():
-        start = time.perf_counter()
         make_checkpoint(CHECKPOINT)
-        figures["make_seconds"] = time.perf_counter() - start
     if not (CONVERTED / "model.safetensors").exists():
         if not BINARY.exists():
             raise RuntimeError(f"{BINARY} not found: run `cargo build --release` first")
-        figures["convert"] = convert(CHECKPOINT, CONVERTED)
-    return CONVERTED, figures
+        convert(CHECKPOINT, CONVERTED)
+    return CONVERTED
 
 
 def main():

@@ -277,7 +277,7 @@ def main():
     os.environ.setdefault("GOMP_SPINCOUNT", "0")
     os.environ.setdefault("KMP_BLOCKTIME", "0")
     if args.family == "gpt2":
-        args.model_dir, _ = megatron_gpt2_medium.ensure_converted()
+        args.model_dir = megatron_gpt2_medium.ensure_converted()
     else:
         args.model_dir = args.model_dir or ROOT / ".bench" / "mistral-100m"
         make_model(args.model_dir, args.sp_model)

@@ -45,8 +45,8 @@ struct Megatron<'a> {
     version: f64,
 }
 
-/// Each layer's tensors, by layer index, under their names inside the layer.
-type ByLayer = BTreeMap<usize, Vec<(String, TensorRef)>>;
+/// Each layer's tensors, by layer index.
+type ByLayer = BTreeMap<usize, LayerTensors>;
 
 impl<'a> Megatron<'a> {
     fn new(checkpoint: &'a mut Checkpoint) -> Self {
@@ -162,14 +162,18 @@ impl<'a> Megatron<'a> {
                 )
             })?
             .clone();
-        let mut layers: BTreeMap<usize, Vec<(String, TensorRef)>> = BTreeMap::new();
+        let mut layers = ByLayer::new();
         for (key, value) in transformer.entries() {
             let Some((layer, name)) = layer_key(key) else {
                 continue;
             };
             layers
                 .entry(layer)
-                .or_default()
+                .or_insert_with(|| LayerTensors {
+                    layer,
+                    tensors: Vec::new(),
+                })
+                .tensors
                 .push((name.to_owned(), self.tensor_ref(value, key)?));
         }
         Ok((layers, transformer))
@@ -238,6 +242,12 @@ struct LayerTensors {
 }
 
 impl LayerTensors {
+    /// The tensor under the first of `names` this layer has, read.
+    fn read(&self, megatron: &mut Megatron, names: &[&str]) -> Result<Tensor, ConvertError> {
+        let tensor = self.take(megatron, names)?;
+        megatron.read(&tensor)
+    }
+
     fn take(&self, megatron: &Megatron, names: &[&str]) -> Result<TensorRef, ConvertError> {
         self.tensors
             .iter()
@@ -481,12 +491,8 @@ pub fn gpt2(
         .and_then(|t| t.to_dtype(DType::F16))
         .map_err(wrap("masked_bias"))?;
     let transpose = |t: Tensor, what: &str| t.t().and_then(|t| t.contiguous()).map_err(wrap(what));
-    for (&layer, tensors) in &layers {
+    for (&layer, layer_tensors) in &layers {
         progress(layer, n_layer);
-        let layer_tensors = LayerTensors {
-            layer,
-            tensors: tensors.clone(),
-        };
         let name = |suffix: &str| format!("transformer.h.{layer}.{suffix}");
         for (megatron_name, hf) in [
             ("input_layernorm.weight", "ln_1.weight"),
@@ -494,15 +500,14 @@ pub fn gpt2(
             ("post_attention_layernorm.weight", "ln_2.weight"),
             ("post_attention_layernorm.bias", "ln_2.bias"),
         ] {
-            let tensor = layer_tensors.take(&m, &[megatron_name])?;
-            out.push((name(hf), m.read(&tensor)?));
+            out.push((name(hf), layer_tensors.read(&mut m, &[megatron_name])?));
         }
         out.push((name("attn.bias"), causal.clone()));
         out.push((name("attn.masked_bias"), masked_bias.clone()));
-        let qkv_weight = m.read(&layer_tensors.take(&m, &refs(&names(&QKV, "weight")))?)?;
+        let qkv_weight = layer_tensors.read(&mut m, &refs(&names(&QKV, "weight")))?;
         let qkv_weight = m.qkv_ordered(qkv_weight, n_head, head_dim)?;
         out.push((name("attn.c_attn.weight"), transpose(qkv_weight, "c_attn")?));
-        let qkv_bias = m.read(&layer_tensors.take(&m, &refs(&names(&QKV, "bias")))?)?;
+        let qkv_bias = layer_tensors.read(&mut m, &refs(&names(&QKV, "bias")))?;
         out.push((
             name("attn.c_attn.bias"),
             m.qkv_ordered(qkv_bias, n_head, head_dim)?,
@@ -512,9 +517,9 @@ pub fn gpt2(
             (&["mlp.dense_h_to_4h"][..], "mlp.c_fc"),
             (&["mlp.dense_4h_to_h"][..], "mlp.c_proj"),
         ] {
-            let weight = m.read(&layer_tensors.take(&m, &refs(&names(ops, "weight")))?)?;
+            let weight = layer_tensors.read(&mut m, &refs(&names(ops, "weight")))?;
             out.push((name(&format!("{hf}.weight")), transpose(weight, hf)?));
-            let bias = m.read(&layer_tensors.take(&m, &refs(&names(ops, "bias")))?)?;
+            let bias = layer_tensors.read(&mut m, &refs(&names(ops, "bias")))?;
             out.push((name(&format!("{hf}.bias")), bias));
         }
     }
@@ -631,23 +636,18 @@ pub fn bert(
             .and_then(|t| t.contiguous())
             .map_err(wrap(what))
     };
-    for (&layer, tensors) in &layers {
+    for (&layer, layer_tensors) in &layers {
         progress(layer, n_layer);
-        let layer_tensors = LayerTensors {
-            layer,
-            tensors: tensors.clone(),
-        };
         let name = |suffix: &str| format!("bert.encoder.layer.{layer}.{suffix}");
         for (megatron_name, hf) in [
             ("input_layernorm.weight", "attention.ln.weight"),
             ("input_layernorm.bias", "attention.ln.bias"),
         ] {
-            let tensor = layer_tensors.take(&m, &[megatron_name])?;
-            out.push((name(hf), m.read(&tensor)?));
+            out.push((name(hf), layer_tensors.read(&mut m, &[megatron_name])?));
         }
-        let weight = m.read(&layer_tensors.take(&m, &refs(&names(&QKV, "weight")))?)?;
+        let weight = layer_tensors.read(&mut m, &refs(&names(&QKV, "weight")))?;
         let weight = m.qkv_ordered(weight, heads, hidden / heads)?;
-        let bias = m.read(&layer_tensors.take(&m, &refs(&names(&QKV, "bias")))?)?;
+        let bias = layer_tensors.read(&mut m, &refs(&names(&QKV, "bias")))?;
         let bias = m.qkv_ordered(bias, heads, hidden / heads)?;
         for (part, projection) in ["query", "key", "value"].into_iter().enumerate() {
             let what = format!("attention.self.{projection}");
@@ -661,8 +661,8 @@ pub fn bert(
             (&["mlp.dense_4h_to_h"][..], "output.dense"),
         ] {
             for kind in ["weight", "bias"] {
-                let tensor = layer_tensors.take(&m, &refs(&names(ops, kind)))?;
-                out.push((name(&format!("{hf}.{kind}")), m.read(&tensor)?));
+                let tensor = layer_tensors.read(&mut m, &refs(&names(ops, kind)))?;
+                out.push((name(&format!("{hf}.{kind}")), tensor));
             }
         }
     }
