@@ -42,6 +42,20 @@ pub struct TemplateMessage {
     pub content: String,
     /// The optional participant name.
     pub name: Option<String>,
+    /// An assistant message's tool calls, `{"id", "type", "function": {"name", "arguments"}}`
+    /// with the arguments as a mapping where they are JSON, as HF templates read them.
+    pub tool_calls: Option<Vec<serde_json::Value>>,
+    /// A tool message's call id.
+    pub tool_call_id: Option<String>,
+}
+
+/// What the template gets beside the messages.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TemplateOptions {
+    /// `reasoning_effort`, for templates that read it.
+    pub reasoning_effort: Option<String>,
+    /// `verbosity`, for templates that read it.
+    pub verbosity: Option<String>,
 }
 
 /// A compiled chat template with the model's special tokens.
@@ -80,7 +94,11 @@ impl ChatTemplate {
 
     /// The prompt text for `messages`, ending with the assistant's turn
     /// (`add_generation_prompt=true`).
-    pub fn render(&self, messages: &[TemplateMessage]) -> Result<String, ChatTemplateError> {
+    pub fn render(
+        &self,
+        messages: &[TemplateMessage],
+        options: &TemplateOptions,
+    ) -> Result<String, ChatTemplateError> {
         let messages: Vec<Value> = messages.iter().map(message_value).collect();
         let template = self
             .env
@@ -92,6 +110,8 @@ impl ChatTemplate {
                 bos_token => &self.bos_token,
                 eos_token => &self.eos_token,
                 add_generation_prompt => true,
+                reasoning_effort => options.reasoning_effort.clone(),
+                verbosity => options.verbosity.clone(),
             })
             .map_err(|error| match raised_message(&error) {
                 Some(message) => ChatTemplateError::Raised(message),
@@ -107,6 +127,12 @@ fn message_value(message: &TemplateMessage) -> Value {
     // Absent rather than none, so that `message.name is defined` works as in transformers.
     if let Some(name) = &message.name {
         map.insert("name", Value::from(name.as_str()));
+    }
+    if let Some(calls) = &message.tool_calls {
+        map.insert("tool_calls", Value::from(minijinja::value::Serde(calls)));
+    }
+    if let Some(id) = &message.tool_call_id {
+        map.insert("tool_call_id", Value::from(id.as_str()));
     }
     Value::from(map)
 }
@@ -155,6 +181,8 @@ mod tests {
             role: role.into(),
             content: content.into(),
             name: None,
+            tool_calls: None,
+            tool_call_id: None,
         }
     }
 
@@ -165,7 +193,7 @@ mod tests {
                 message("user", "hi"),
                 message("assistant", "answer"),
                 message("user", "more"),
-            ])
+            ], &TemplateOptions::default())
             .unwrap();
         assert_eq!(
             rendered,
@@ -176,7 +204,7 @@ mod tests {
     #[test]
     fn system_message_raises_the_templates_exception() {
         let error = mistral_template()
-            .render(&[message("system", "be brief"), message("user", "hi")])
+            .render(&[message("system", "be brief"), message("user", "hi")], &TemplateOptions::default())
             .unwrap_err();
         match error {
             ChatTemplateError::Raised(message) => assert_eq!(
@@ -200,7 +228,9 @@ mod tests {
                 role: "user".into(),
                 content: "  padded  ".into(),
                 name: Some("ann".into()),
-            }])
+                tool_calls: None,
+                tool_call_id: None,
+            }], &TemplateOptions::default())
             .unwrap();
         assert_eq!(rendered, "padded");
     }

@@ -325,6 +325,12 @@ async fn chat_completion_renders_the_template_and_answers_as_the_assistant() {
     let choice = &body["choices"][0];
     assert_eq!(choice["message"]["role"], "assistant");
     assert!(choice["message"]["content"].is_string());
+    // Required by OpenAI's schema though nullable: present, as null.
+    assert_eq!(
+        choice["message"].get("refusal"),
+        Some(&Value::Null),
+        "{body}"
+    );
     let content = choice["logprobs"]["content"].as_array().unwrap();
     assert_eq!(
         content.len(),
@@ -531,6 +537,35 @@ async fn models_health_ready_and_unknown_routes() {
     assert_eq!(body["data"][0]["id"], MODEL);
     assert_eq!(body["data"][0]["object"], "model");
     assert_eq!(body["data"][0]["owned_by"], "candlewick");
+
+    // The openai client's `models.retrieve`: the listed entry by name, 404 for another name.
+    let (status, text) = send(
+        app(),
+        Request::get(format!("/v1/models/{MODEL}"))
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let one: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(one, body["data"][0]);
+    let (status, text) = send(
+        app(),
+        Request::get("/v1/models/org/other-model")
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let missing: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(missing["error"]["code"], "model_not_found", "{missing}");
+    assert!(
+        missing["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("org/other-model"),
+        "{missing}"
+    );
 
     let (status, text) = send(app(), Request::get("/health").body(Body::empty()).unwrap()).await;
     assert_eq!(

@@ -9,14 +9,17 @@ use super::common::{
     include_usage, refuse_if_present, GenerationParams, SamplingFields, StopSpec, StreamOptions,
     Usage,
 };
-use crate::chat_template::TemplateMessage;
+use crate::chat_template::{TemplateMessage, TemplateOptions};
 use crate::error::ApiError;
 
 /// Most alternatives `top_logprobs` may ask for, as in OpenAI's API.
 pub const MAX_TOP_LOGPROBS: i64 = 20;
 
-/// The request body. Unknown fields are refused, and so are known ones this server does not
-/// implement (tools, functions, structured output), rather than silently ignored.
+/// The request body: every field of OpenAI's current chat request schema is known. Those that
+/// cannot change the output (`store`, `metadata`, `service_tier`, ...) are accepted and ignored;
+/// those whose absence would change it and that this server does not implement (audio,
+/// predicted outputs, web search, moderation) are refused with a message naming the field.
+/// Fields outside OpenAI's schema are refused unless they are one of the documented extensions.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ChatCompletionRequest {
@@ -34,22 +37,46 @@ pub struct ChatCompletionRequest {
     pub frequency_penalty: Option<f32>,
     pub logit_bias: Option<BTreeMap<String, f32>>,
     pub seed: Option<i64>,
-    /// An end-user identifier; accepted and not used.
-    pub user: Option<String>,
     pub logprobs: Option<bool>,
     pub top_logprobs: Option<i64>,
     pub tools: Option<Value>,
     pub tool_choice: Option<Value>,
+    pub parallel_tool_calls: Option<bool>,
     pub functions: Option<Value>,
     pub function_call: Option<Value>,
     pub response_format: Option<Value>,
+    /// Passed to the chat template as `reasoning_effort`; templates that do not read it ignore it.
+    pub reasoning_effort: Option<String>,
+    /// Passed to the chat template as `verbosity`, as `reasoning_effort` is.
+    pub verbosity: Option<String>,
+    /// Output modalities: only `["text"]`.
+    pub modalities: Option<Vec<String>>,
+    // Accepted, type-checked and otherwise ignored: they cannot change the output.
+    /// An end-user identifier.
+    pub user: Option<String>,
+    pub safety_identifier: Option<String>,
+    /// Whether OpenAI stores the completion; nothing is stored here.
+    pub store: Option<bool>,
+    pub metadata: Option<BTreeMap<String, String>>,
+    pub service_tier: Option<String>,
+    /// Prefix caching here needs no hints.
+    pub prompt_cache_key: Option<String>,
+    pub prompt_cache_options: Option<Map<String, Value>>,
+    pub prompt_cache_retention: Option<String>,
+    // Refused when present: what they ask for is not done here, and ignoring them would change
+    // what the client gets.
+    pub audio: Option<Value>,
+    pub prediction: Option<Value>,
+    pub web_search_options: Option<Value>,
+    pub moderation: Option<Value>,
+    // Extensions (vLLM's names).
     pub top_k: Option<i64>,
     pub min_p: Option<f32>,
     pub repetition_penalty: Option<f32>,
     pub ignore_eos: Option<bool>,
 }
 
-/// One message of the conversation.
+/// One message of the conversation: `developer`, `system`, `user`, `assistant` or `tool`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ChatMessage {
@@ -57,6 +84,34 @@ pub struct ChatMessage {
     /// Null is taken as empty text.
     pub content: Option<MessageContent>,
     pub name: Option<String>,
+    /// An assistant message's earlier tool calls.
+    pub tool_calls: Option<Vec<RequestToolCall>>,
+    /// A tool message's answer to this call.
+    pub tool_call_id: Option<String>,
+    /// An assistant message's earlier refusal.
+    pub refusal: Option<String>,
+    /// An assistant message's earlier audio: refused.
+    pub audio: Option<Value>,
+    /// An assistant message's deprecated function call: refused.
+    pub function_call: Option<Value>,
+}
+
+/// A tool call in an assistant message of the history.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RequestToolCall {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub function: RequestFunctionCall,
+}
+
+/// The function a history tool call named, with its arguments as JSON text.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RequestFunctionCall {
+    pub name: String,
+    pub arguments: String,
 }
 
 /// A message's content: text, or a list of `{"type": "text", "text": ...}` parts.
@@ -75,6 +130,7 @@ pub enum MessageContent {
 pub struct ChatPlan {
     pub model: String,
     pub messages: Vec<TemplateMessage>,
+    pub template_options: TemplateOptions,
     pub params: GenerationParams,
     pub stream: bool,
     pub include_usage: bool,
@@ -84,6 +140,25 @@ impl ChatCompletionRequest {
     /// Checks every field, refusing what this server does not implement.
     pub fn validate(self) -> Result<ChatPlan, ApiError> {
         const NO_TOOLS: &str = "tool and function calling are not implemented";
+        refuse_if_present("audio", &self.audio, "audio output is not available: this model writes text")?;
+        refuse_if_present("prediction", &self.prediction, "predicted outputs are not implemented")?;
+        refuse_if_present(
+            "web_search_options",
+            &self.web_search_options,
+            "this server has no web search",
+        )?;
+        refuse_if_present("moderation", &self.moderation, "this server runs no moderation")?;
+        if let Some(other) = self
+            .modalities
+            .iter()
+            .flatten()
+            .find(|modality| modality.as_str() != "text")
+        {
+            return Err(ApiError::invalid(
+                "modalities",
+                format!("only the \"text\" modality is available, got {other:?}"),
+            ));
+        }
         refuse_if_present("tools", &self.tools, NO_TOOLS)?;
         refuse_if_present("functions", &self.functions, NO_TOOLS)?;
         refuse_if_present("function_call", &self.function_call, NO_TOOLS)?;
@@ -137,6 +212,10 @@ impl ChatCompletionRequest {
             .into_iter()
             .map(ChatMessage::into_template_message)
             .collect::<Result<Vec<_>, _>>()?;
+        let template_options = TemplateOptions {
+            reasoning_effort: self.reasoning_effort,
+            verbosity: self.verbosity,
+        };
         let stream = self.stream.unwrap_or(false);
         let include_usage = include_usage(stream, &self.stream_options)?;
         let params = SamplingFields {
@@ -160,6 +239,7 @@ impl ChatCompletionRequest {
         Ok(ChatPlan {
             model: self.model,
             messages,
+            template_options,
             params,
             stream,
             include_usage,
@@ -168,45 +248,139 @@ impl ChatCompletionRequest {
 }
 
 impl ChatMessage {
-    /// The message as the template sees it: text parts joined by newlines.
+    /// The message as the template sees it: text parts joined by newlines, `developer` as the
+    /// template's `system`, history tool calls with their arguments parsed (HF templates read
+    /// `tool_call.function.arguments` as a mapping).
     fn into_template_message(self) -> Result<TemplateMessage, ApiError> {
-        let content = match self.content {
+        let role = match self.role.as_str() {
+            "developer" => "system".to_string(),
+            "system" | "user" | "assistant" | "tool" => self.role,
+            "function" => {
+                return Err(ApiError::invalid(
+                    "messages",
+                    "`function` messages are deprecated and not supported: send `tool` messages with a tool_call_id",
+                ))
+            }
+            other => {
+                return Err(ApiError::invalid(
+                    "messages",
+                    format!("unknown role {other:?}: expected developer, system, user, assistant or tool"),
+                ))
+            }
+        };
+        let assistant = role == "assistant";
+        let only_for = |field: &str, allowed: &str| {
+            ApiError::invalid(
+                "messages",
+                format!("`{field}` is only allowed in {allowed} messages, not in a {role} message"),
+            )
+        };
+        refuse_if_present(
+            "messages",
+            &self.audio,
+            "earlier audio responses cannot be given to a text model",
+        )?;
+        refuse_if_present(
+            "messages",
+            &self.function_call,
+            "`function_call` in messages is deprecated: use `tool_calls`",
+        )?;
+        if self.tool_calls.is_some() && !assistant {
+            return Err(only_for("tool_calls", "assistant"));
+        }
+        if self.refusal.is_some() && !assistant {
+            return Err(only_for("refusal", "assistant"));
+        }
+        match (&self.tool_call_id, role.as_str()) {
+            (None, "tool") => {
+                return Err(ApiError::invalid(
+                    "messages",
+                    "a tool message needs the `tool_call_id` it answers",
+                ))
+            }
+            (Some(_), role) if role != "tool" => return Err(only_for("tool_call_id", "tool")),
+            _ => {}
+        }
+        let mut content = match self.content {
             None => String::new(),
             Some(MessageContent::Text(text)) => text,
             Some(MessageContent::Parts(parts)) => parts
                 .iter()
-                .map(text_of_part)
+                .map(|part| text_of_part(part, assistant))
                 .collect::<Result<Vec<_>, _>>()?
                 .join("\n"),
         };
+        if content.is_empty() {
+            if let Some(refusal) = self.refusal {
+                content = refusal;
+            }
+        }
+        let tool_calls = self
+            .tool_calls
+            .map(|calls| calls.into_iter().map(RequestToolCall::into_template_value).collect::<Result<Vec<_>, _>>())
+            .transpose()?;
         Ok(TemplateMessage {
-            role: self.role,
+            role,
             content,
             name: self.name,
+            tool_calls,
+            tool_call_id: self.tool_call_id,
         })
     }
 }
 
-fn text_of_part(part: &Map<String, Value>) -> Result<&str, ApiError> {
-    let kind = part.get("type").and_then(Value::as_str).unwrap_or("");
-    if kind != "text" {
-        return Err(ApiError::invalid(
-            "messages",
-            format!("content parts of type {kind:?} are not supported: only \"text\" parts are"),
-        ));
+impl RequestToolCall {
+    /// `{"id", "type": "function", "function": {"name", "arguments"}}` with the arguments as
+    /// the JSON value they encode (kept as text when they are not JSON).
+    fn into_template_value(self) -> Result<Value, ApiError> {
+        if self.kind != "function" {
+            return Err(ApiError::invalid(
+                "messages",
+                format!("tool calls of type {:?} are not supported: only \"function\"", self.kind),
+            ));
+        }
+        let arguments = serde_json::from_str::<Value>(&self.function.arguments)
+            .unwrap_or(Value::String(self.function.arguments));
+        Ok(serde_json::json!({
+            "id": self.id,
+            "type": "function",
+            "function": {"name": self.function.name, "arguments": arguments},
+        }))
     }
+}
+
+/// The text of one content part: `text`, or `refusal` in an assistant message. Image, audio and
+/// file parts are refused: the models served here read text only.
+fn text_of_part(part: &Map<String, Value>, assistant: bool) -> Result<&str, ApiError> {
+    let kind = part.get("type").and_then(Value::as_str).unwrap_or("");
+    let field = match kind {
+        "text" => "text",
+        "refusal" if assistant => "refusal",
+        "image_url" | "input_audio" | "file" => {
+            return Err(ApiError::invalid(
+                "messages",
+                format!("content parts of type {kind:?} are not supported: this model reads text only"),
+            ))
+        }
+        _ => {
+            return Err(ApiError::invalid(
+                "messages",
+                format!("content parts of type {kind:?} are not supported: only \"text\" parts are"),
+            ))
+        }
+    };
     if let Some(extra) = part
         .keys()
-        .find(|key| !matches!(key.as_str(), "type" | "text"))
+        .find(|key| key.as_str() != "type" && key.as_str() != field)
     {
         return Err(ApiError::invalid(
             "messages",
-            format!("unknown field `{extra}` in a text content part"),
+            format!("unknown field `{extra}` in a {kind} content part"),
         ));
     }
-    part.get("text")
+    part.get(field)
         .and_then(Value::as_str)
-        .ok_or_else(|| ApiError::invalid("messages", "a text content part needs a string `text`"))
+        .ok_or_else(|| ApiError::invalid("messages", format!("a {kind} content part needs a string `{field}`")))
 }
 
 /// The response.
@@ -236,6 +410,8 @@ pub struct AssistantMessage {
     /// Always "assistant".
     pub role: &'static str,
     pub content: String,
+    /// Always null: the models served here do not refuse by a separate channel.
+    pub refusal: Option<String>,
 }
 
 /// One streamed chunk.
@@ -384,10 +560,85 @@ mod tests {
             refused_param(r#"{"model": "m", "messages": []}"#),
             Some("messages")
         );
-        let error = parse(
-            r#"{"model": "m", "messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]}"#,
+        let error = parse(r#"{"model": "m", "messages": [{"role": "user", "content": "x", "weight": 1}]}"#)
+            .unwrap_err();
+        assert!(error.to_string().contains("weight"), "{error}");
+        let error = parse(r#"{"model": "m", "messages": [{"role": "critic", "content": "x"}]}"#)
+            .unwrap_err();
+        assert!(error.to_string().contains("critic"), "{error}");
+    }
+
+    #[test]
+    fn fields_that_cannot_change_the_output_are_accepted() {
+        let plan = parse(&format!(
+            r#"{{"model": "m", {HI}, "store": false, "metadata": {{"k": "v"}},
+                "service_tier": "auto", "user": "u", "safety_identifier": "s",
+                "prompt_cache_key": "p", "prompt_cache_retention": "24h",
+                "prompt_cache_options": {{"ttl": "30m"}}, "parallel_tool_calls": true,
+                "reasoning_effort": "low", "verbosity": "high", "modalities": ["text"],
+                "stream": true, "stream_options": {{"include_usage": true, "include_obfuscation": false}}}}"#
+        ))
+        .unwrap();
+        assert!(plan.include_usage);
+        assert_eq!(plan.template_options.reasoning_effort.as_deref(), Some("low"));
+        assert_eq!(plan.template_options.verbosity.as_deref(), Some("high"));
+        // Their types are still checked.
+        assert!(parse(&format!(r#"{{"model": "m", {HI}, "store": "yes"}}"#)).is_err());
+        assert!(parse(&format!(r#"{{"model": "m", {HI}, "metadata": {{"k": 1}}}}"#)).is_err());
+        // Fields outside OpenAI's schema are still refused.
+        assert!(parse(&format!(r#"{{"model": "m", {HI}, "best_effort": true}}"#)).is_err());
+    }
+
+    #[test]
+    fn fields_whose_absence_would_change_the_output_are_refused_by_name() {
+        for (field, param) in [
+            (r#""audio": {"voice": "alloy", "format": "mp3"}"#, "audio"),
+            (r#""modalities": ["text", "audio"]"#, "modalities"),
+            (r#""prediction": {"type": "content", "content": "x"}"#, "prediction"),
+            (r#""web_search_options": {}"#, "web_search_options"),
+            (r#""moderation": {"model": "omni-moderation-latest"}"#, "moderation"),
+        ] {
+            let json = format!(r#"{{"model": "m", {HI}, {field}}}"#);
+            assert_eq!(refused_param(&json), Some(param), "{field}");
+        }
+        for part in [
+            r#"{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}"#,
+            r#"{"type": "file", "file": {"file_id": "f"}}"#,
+        ] {
+            let json = format!(r#"{{"model": "m", "messages": [{{"role": "user", "content": [{part}]}}]}}"#);
+            let error = parse(&json).unwrap_err();
+            assert!(error.to_string().contains("text only"), "{error}");
+        }
+    }
+
+    #[test]
+    fn developer_tool_and_assistant_tool_call_messages_reach_the_template() {
+        let plan = parse(
+            r#"{"model": "m", "messages": [
+                {"role": "developer", "content": "be brief"},
+                {"role": "user", "content": "weather?"},
+                {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1",
+                    "type": "function", "function": {"name": "get", "arguments": "{\"city\": \"Oslo\"}"}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": [{"type": "text", "text": "7 C"}]},
+                {"role": "assistant", "content": [{"type": "refusal", "refusal": "no"}]}]}"#,
         )
-        .unwrap_err();
-        assert!(error.to_string().contains("tool_call_id"), "{error}");
+        .unwrap();
+        let roles: Vec<_> = plan.messages.iter().map(|m| m.role.as_str()).collect();
+        assert_eq!(roles, ["system", "user", "assistant", "tool", "assistant"]);
+        let call = &plan.messages[2].tool_calls.as_ref().unwrap()[0];
+        assert_eq!(call["function"]["arguments"]["city"], "Oslo");
+        assert_eq!(call["id"], "call_1");
+        assert_eq!(plan.messages[3].tool_call_id.as_deref(), Some("call_1"));
+        assert_eq!(plan.messages[3].content, "7 C");
+        assert_eq!(plan.messages[4].content, "no");
+        // A tool message needs its call id, and only tool messages carry one.
+        for bad in [
+            r#"{"role": "tool", "content": "x"}"#,
+            r#"{"role": "user", "content": "x", "tool_call_id": "1"}"#,
+            r#"{"role": "user", "content": "x", "tool_calls": []}"#,
+        ] {
+            let json = format!(r#"{{"model": "m", "messages": [{bad}]}}"#);
+            assert_eq!(refused_param(&json), Some("messages"), "{bad}");
+        }
     }
 }

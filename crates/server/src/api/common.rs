@@ -37,6 +37,10 @@ pub struct StreamOptions {
     /// others).
     #[serde(default)]
     pub include_usage: Option<bool>,
+    /// Random padding OpenAI adds against side channels; accepted and not needed here, where
+    /// chunks are not padded.
+    #[serde(default)]
+    pub include_obfuscation: Option<bool>,
 }
 
 /// Token counts of a request. `prompt_tokens` counts each prompt once, however many choices it
@@ -374,6 +378,7 @@ mod tests {
     fn stream_options_without_stream_are_refused() {
         let options = Some(StreamOptions {
             include_usage: Some(true),
+            ..StreamOptions::default()
         });
         assert!(include_usage(false, &options).is_err());
         assert!(include_usage(true, &options).unwrap());

@@ -27,10 +27,10 @@ pub async fn create(
 ) -> Result<Response, ApiError> {
     let plan = request.validate()?;
     state.check_model(&plan.model)?;
-    let messages = plan.messages;
+    let (messages, options) = (plan.messages, plan.template_options);
     let rendering = Arc::clone(&state);
     let prompt = blocking(move || {
-        let text = rendering.chat_template()?.render(&messages)?;
+        let text = rendering.chat_template()?.render(&messages, &options)?;
         // The template writes the special tokens (BOS) itself.
         Ok(rendering.tokenizer.encode(&text, false)?)
     })
@@ -58,6 +58,7 @@ pub async fn create(
             message: AssistantMessage {
                 role: "assistant",
                 content: output.text,
+                refusal: None,
             },
             finish_reason: output.finish.as_str(),
         })

@@ -50,7 +50,8 @@ pub fn router(state: Arc<AppState>, options: &RouterOptions) -> Result<Router, C
         .route("/v1/token-classify", post(encoders::token_classify))
         .route("/v1/question-answering", post(encoders::question_answering))
         .route("/v1/fill-mask", post(encoders::fill_mask))
-        .route("/v1/models", get(models::list));
+        .route("/v1/models", get(models::list))
+        .route("/v1/models/{*model}", get(models::retrieve));
     if let Some(key) = &options.api_key {
         v1 = v1.route_layer(middleware::from_fn_with_state(
             ApiKey::new(key),

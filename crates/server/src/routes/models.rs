@@ -1,11 +1,12 @@
-//! `GET /v1/models`.
+//! `GET /v1/models` and `GET /v1/models/{model}`.
 
 use std::sync::Arc;
 
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::Json;
 use serde::Serialize;
 
+use crate::error::ApiError;
 use crate::state::AppState;
 
 /// `{"object": "list", "data": [...]}`.
@@ -28,11 +29,24 @@ pub struct Model {
 pub async fn list(State(state): State<Arc<AppState>>) -> Json<ModelList> {
     Json(ModelList {
         object: "list",
-        data: vec![Model {
-            id: state.model_name.clone(),
-            object: "model",
-            created: state.created,
-            owned_by: "candlewick",
-        }],
+        data: vec![describe(&state)],
     })
+}
+
+/// One model by its name (the openai client's `models.retrieve`); 404 for another name.
+pub async fn retrieve(
+    State(state): State<Arc<AppState>>,
+    Path(model): Path<String>,
+) -> Result<Json<Model>, ApiError> {
+    state.check_model(&model)?;
+    Ok(Json(describe(&state)))
+}
+
+fn describe(state: &AppState) -> Model {
+    Model {
+        id: state.model_name.clone(),
+        object: "model",
+        created: state.created,
+        owned_by: "candlewick",
+    }
 }
