@@ -309,8 +309,15 @@ impl Fetcher {
                 let api = if offline {
                     None
                 } else {
-                    let api = hf_hub::api::sync::ApiBuilder::from_env()
-                        .with_progress(true)
+                    let mut builder = hf_hub::api::sync::ApiBuilder::from_env().with_progress(true);
+                    // `HF_TOKEN` wins over the token file in HF_HOME, as in the hub's own clients.
+                    if let Some(token) = std::env::var("HF_TOKEN")
+                        .ok()
+                        .filter(|token| !token.trim().is_empty())
+                    {
+                        builder = builder.with_token(Some(token.trim().to_string()));
+                    }
+                    let api = builder
                         .build()
                         .map_err(|e| EngineError::NotCached {
                             repo: repo.clone(),
