@@ -1,5 +1,7 @@
 """The server through the official `openai` client: completions (plain, streamed, n, logprobs,
-stop, echo, seeds, candlewick's sampling extensions), chat completions and the model list.
+stop, echo, seeds, candlewick's sampling extensions), chat completions, structured outputs
+(response_format, `chat.completions.parse`, vLLM's guided_* fields), the fields clients add,
+and the model list.
 
 Greedy outputs are checked against transformers' reference generations for the w8-gqa2
 fixture (tests/fixtures/mistral/w8-gqa2/reference.json), sending the reference prompts as token
@@ -11,11 +13,13 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
+import openai
 import pytest
 from openai import OpenAI
 from openai.types.chat import ChatCompletionMessageParam
+from pydantic import BaseModel, ConfigDict, Field
 from tokenizers import Tokenizer
 
 from support import BOS_ID, GreedyCase, expected_text, load_reference
@@ -416,3 +420,166 @@ def test_chat_seeded_sampling_is_reproducible(client: OpenAI, model_name: str) -
         return response.choices[0].message.content
 
     assert sample() == sample()
+
+
+# --------------------------------------------------------------------------------------------
+# Structured outputs, the fields clients add, models.retrieve
+
+
+class Pet(BaseModel):
+    """Short fields only, and no others (`additionalProperties: false`): the fixture's random
+    weights write whatever the schema allows."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(max_length=8)
+    legs: int = Field(ge=0, le=8)
+    kind: Literal["cat", "dog", "bird"]
+
+
+class Owner(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(max_length=8)
+    pets: list[Pet] = Field(max_length=2)
+
+
+def test_chat_json_schema_response_format_validates(client: OpenAI, model_name: str) -> None:
+    schema = Owner.model_json_schema()
+    for seed in range(3):
+        response = client.chat.completions.create(
+            model=model_name,
+            messages=[{"role": "user", "content": "Describe an owner."}],
+            max_tokens=300,
+            temperature=1.0,
+            seed=seed,
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "owner", "schema": schema, "strict": True},
+            },
+        )
+        choice = response.choices[0]
+        assert choice.finish_reason == "stop"
+        Owner.model_validate_json(choice.message.content or "")
+
+
+def test_chat_completions_parse_with_a_pydantic_model(client: OpenAI, model_name: str) -> None:
+    completion = client.chat.completions.parse(
+        model=model_name,
+        messages=[{"role": "user", "content": "A pet, please."}],
+        response_format=Pet,
+        max_tokens=100,
+        temperature=0.8,
+        seed=3,
+    )
+    message = completion.choices[0].message
+    assert isinstance(message.parsed, Pet), message
+    assert message.refusal is None
+    assert message.parsed.kind in ("cat", "dog", "bird")
+
+
+def test_json_object_and_streamed_structured_chat(client: OpenAI, model_name: str) -> None:
+    stream = client.chat.completions.create(
+        model=model_name,
+        messages=[{"role": "user", "content": "JSON!"}],
+        max_tokens=200,
+        temperature=1.0,
+        seed=5,
+        stream=True,
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "pet", "schema": Pet.model_json_schema()},
+        },
+    )
+    text = "".join(
+        chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices
+    )
+    Pet.model_validate_json(text)
+
+
+def test_completions_take_response_format_and_vllm_guided_fields(
+    client: OpenAI, model_name: str
+) -> None:
+    response = client.completions.create(
+        model=model_name,
+        prompt="Pet:",
+        max_tokens=100,
+        temperature=1.0,
+        seed=1,
+        n=2,
+        extra_body={
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "pet", "schema": Pet.model_json_schema()},
+            }
+        },
+    )
+    for choice in response.choices:
+        assert choice.finish_reason == "stop"
+        Pet.model_validate_json(choice.text)
+    response = client.completions.create(
+        model=model_name,
+        prompt="Verdict:",
+        max_tokens=20,
+        temperature=1.0,
+        seed=2,
+        extra_body={"guided_choice": ["guilty", "not guilty"]},
+    )
+    assert response.choices[0].text in ("guilty", "not guilty")
+
+
+def test_an_invalid_schema_is_a_400_naming_response_format(
+    client: OpenAI, model_name: str
+) -> None:
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.chat.completions.create(
+            model=model_name,
+            messages=[{"role": "user", "content": "x"}],
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "bad", "schema": {"type": "objcet"}},
+            },
+        )
+    error = raised.value.body
+    assert isinstance(error, dict) and error.get("param") == "response_format", error
+
+
+def test_models_retrieve(client: OpenAI, model_name: str) -> None:
+    model = client.models.retrieve(model_name)
+    assert model.id == model_name and model.object == "model"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such-model")
+
+
+def test_fields_that_cannot_change_the_output_are_accepted(
+    client: OpenAI, model_name: str
+) -> None:
+    plain = client.chat.completions.create(
+        model=model_name, messages=HELLO, max_tokens=8, temperature=0
+    )
+    decorated = client.chat.completions.create(
+        model=model_name,
+        messages=HELLO,
+        max_completion_tokens=8,
+        temperature=0,
+        store=False,
+        metadata={"app": "e2e"},
+        service_tier="auto",
+        user="tester",
+        safety_identifier="tester-1",
+        prompt_cache_key="hello",
+        parallel_tool_calls=True,
+        modalities=["text"],
+        stream_options=None,
+        extra_body={"prompt_cache_retention": "in-memory"},
+    )
+    assert decorated.choices[0].message.content == plain.choices[0].message.content
+    assert decorated.choices[0].message.refusal is None
+    streamed = client.chat.completions.create(
+        model=model_name,
+        messages=HELLO,
+        max_tokens=8,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True, "include_obfuscation": False},
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+    assert text == plain.choices[0].message.content

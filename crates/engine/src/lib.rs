@@ -7,6 +7,7 @@ pub mod decoder;
 pub mod detokenizer;
 pub mod encoder;
 pub mod error;
+pub mod grammar;
 pub mod kernels;
 pub mod layers;
 pub mod loader;

@@ -317,14 +317,12 @@ impl Fetcher {
                     {
                         builder = builder.with_token(Some(token.trim().to_string()));
                     }
-                    let api = builder
-                        .build()
-                        .map_err(|e| EngineError::NotCached {
-                            repo: repo.clone(),
-                            file: "config.json".into(),
-                            cache: cache_dir.clone(),
-                            reason: e.to_string(),
-                        })?;
+                    let api = builder.build().map_err(|e| EngineError::NotCached {
+                        repo: repo.clone(),
+                        file: "config.json".into(),
+                        cache: cache_dir.clone(),
+                        reason: e.to_string(),
+                    })?;
                     Some(api.repo(hub_repo.clone()))
                 };
                 Ok(Self::Hub {

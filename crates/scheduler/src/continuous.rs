@@ -218,6 +218,11 @@ impl Scheduler {
         Ok(receiver)
     }
 
+    /// The width of the model's logits.
+    pub fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+
     /// Live counts of waiting and running requests.
     pub fn stats(&self) -> &SchedulerStats {
         &self.shared.stats
@@ -426,7 +431,34 @@ impl EngineLoop {
         }
         metrics::histogram!("candlewick_decode_batch_size").record(rows.len() as f64);
         let started = Instant::now();
-        let result = self.generator.decode(&rows);
+        // Structured outputs' masks depend only on the tokens so far: they are computed on
+        // another thread while the model runs the step. A grammar's failure is the request's
+        // alone; `accept_all` meets it again and ends that request.
+        let mut constrained: Vec<&mut Sequence> = self
+            .active
+            .iter_mut()
+            .filter(|active| active.decoding() && active.sequence.is_constrained())
+            .map(|active| &mut active.sequence)
+            .collect();
+        let generator = &mut self.generator;
+        let result = if constrained.is_empty() {
+            generator.decode(&rows)
+        } else {
+            std::thread::scope(|scope| {
+                let masks = std::thread::Builder::new()
+                    .name("candlewick-grammar".into())
+                    .spawn_scoped(scope, move || {
+                        for sequence in &mut constrained {
+                            let _ = sequence.prepare_mask();
+                        }
+                    });
+                let result = generator.decode(&rows);
+                if let Ok(masks) = masks {
+                    let _ = masks.join();
+                }
+                result
+            })
+        };
         metrics::histogram!("candlewick_decode_step_seconds")
             .record(started.elapsed().as_secs_f64());
         let slots: Vec<usize> = rows.iter().map(|&(slot, _)| slot).collect();

@@ -12,6 +12,7 @@ pub use runner::{run_batch, GenerationOutput};
 pub use sequence::{FinishReason, GenerationRequest, Sequence, StopConditions, TokenEvent};
 
 use candlewick_engine::detokenizer::DetokenizeError;
+use candlewick_engine::grammar::GrammarError;
 use candlewick_engine::sampling::SamplingError;
 use candlewick_engine::EngineError;
 
@@ -24,6 +25,9 @@ pub enum SchedulerError {
     /// Sampling parameters are out of range, or the logits cannot be sampled.
     #[error(transparent)]
     Sampling(#[from] SamplingError),
+    /// A structured output's grammar is invalid, or failed mid-generation.
+    #[error(transparent)]
+    Grammar(#[from] GrammarError),
     /// Generated tokens could not be turned into text.
     #[error(transparent)]
     Detokenize(#[from] DetokenizeError),
@@ -58,6 +62,7 @@ impl SchedulerError {
         match self {
             Self::Engine(error) => error.is_request_fault(),
             Self::Sampling(error) => error.is_request_fault(),
+            Self::Grammar(error) => !matches!(error, GrammarError::Failed(_)),
             Self::InvalidRequest(_) | Self::PromptTooLong { .. } | Self::TotalTooLong { .. } => {
                 true
             }

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use candlewick_engine::detokenizer::IncrementalDecoder;
+use candlewick_engine::grammar::Constraint;
 use candlewick_engine::sampling::{Sampled, Sampler, SamplingParams};
 
 use crate::{Result, SchedulerError};
@@ -25,7 +26,8 @@ pub struct StopConditions {
 /// Why a sequence stopped, in OpenAI's terms.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FinishReason {
-    /// An end-of-sequence or stop token was generated.
+    /// An end-of-sequence or stop token was generated, a stop string, or the end of the
+    /// output's grammar.
     Stop,
     /// `max_new_tokens` were generated or the context is full.
     Length,
@@ -50,6 +52,8 @@ pub struct GenerationRequest {
     pub sampling: SamplingParams,
     /// When to stop.
     pub stop: StopConditions,
+    /// The grammar the output must match (a structured output), fresh: each choice gets its own.
+    pub constraint: Option<Constraint>,
 }
 
 /// What one generated token adds to a sequence.
@@ -110,6 +114,8 @@ pub struct Sequence {
     finish: Option<FinishReason>,
     /// Decoded text not yet released because it may be the start of a stop string.
     held: String,
+    /// The grammar state of a structured output.
+    constraint: Option<Constraint>,
 }
 
 impl Sequence {
@@ -143,16 +149,37 @@ impl Sequence {
             max_context,
             finish: None,
             held: String::new(),
+            constraint: request.constraint.clone(),
         })
     }
 
     /// Samples the next token from `logits`, and says whether the sequence is done.
+    ///
+    /// A structured output samples among the tokens its grammar allows, and stops once the
+    /// grammar is complete.
     pub fn accept(&mut self, logits: &[f32]) -> Result<TokenEvent> {
-        let sampled = self.sampler.sample(logits)?;
+        let sampled = match &mut self.constraint {
+            Some(constraint) => {
+                let mask = constraint.mask()?;
+                self.sampler.sample_allowed(logits, Some(mask))?
+            }
+            None => self.sampler.sample(logits)?,
+        };
         let token = sampled.token;
         self.generated.push(token);
-        let is_eos = !self.stop.ignore_eos && self.eos_token_ids.contains(&token);
-        let mut finish = if is_eos || self.stop.stop_token_ids.contains(&token) {
+        let grammar_done = match &mut self.constraint {
+            Some(constraint) => {
+                constraint.consume(token)?;
+                constraint.is_finished()
+            }
+            None => false,
+        };
+        let is_eos = self.eos_token_ids.contains(&token)
+            && (!self.stop.ignore_eos || self.constraint.is_some());
+        // End-of-sequence and stop tokens end the text: reported as tokens, they add no
+        // characters.
+        let ends_text = is_eos || self.stop.stop_token_ids.contains(&token);
+        let mut finish = if ends_text || grammar_done {
             Some(FinishReason::Stop)
         } else if self.generated.len() >= self.stop.max_new_tokens
             || self.prompt_len + self.generated.len() >= self.max_context
@@ -161,8 +188,7 @@ impl Sequence {
         } else {
             None
         };
-        // Stop tokens end the text: they are reported as tokens but add no characters.
-        if finish != Some(FinishReason::Stop) {
+        if !ends_text {
             let delta = self.decoder.push(token)?.unwrap_or_default();
             self.held.push_str(&delta);
         }
@@ -183,6 +209,20 @@ impl Sequence {
             text,
             finish,
         })
+    }
+
+    /// Computes the grammar's mask for the next token ahead of [`Sequence::accept`], so that it
+    /// can overlap the model's step.
+    pub fn prepare_mask(&mut self) -> Result<()> {
+        if let Some(constraint) = &mut self.constraint {
+            constraint.prepare()?;
+        }
+        Ok(())
+    }
+
+    /// Whether the sequence is constrained by a grammar.
+    pub fn is_constrained(&self) -> bool {
+        self.constraint.is_some()
     }
 
     /// The last generated token, to feed to the next decode step.

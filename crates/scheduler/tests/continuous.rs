@@ -86,6 +86,7 @@ fn greedy(prompt: &[u32], max_new_tokens: usize) -> GenerationRequest {
             max_new_tokens,
             ..StopConditions::default()
         },
+        constraint: None,
     }
 }
 

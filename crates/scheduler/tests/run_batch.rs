@@ -49,6 +49,7 @@ fn request(prompt: &[u32], sampling: SamplingParams, max_new_tokens: usize) -> G
             max_new_tokens,
             ..StopConditions::default()
         },
+        constraint: None,
     }
 }
 

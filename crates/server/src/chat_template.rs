@@ -189,11 +189,14 @@ mod tests {
     #[test]
     fn mistral_template_renders_user_assistant_alternation() {
         let rendered = mistral_template()
-            .render(&[
-                message("user", "hi"),
-                message("assistant", "answer"),
-                message("user", "more"),
-            ], &TemplateOptions::default())
+            .render(
+                &[
+                    message("user", "hi"),
+                    message("assistant", "answer"),
+                    message("user", "more"),
+                ],
+                &TemplateOptions::default(),
+            )
             .unwrap();
         assert_eq!(
             rendered,
@@ -204,7 +207,10 @@ mod tests {
     #[test]
     fn system_message_raises_the_templates_exception() {
         let error = mistral_template()
-            .render(&[message("system", "be brief"), message("user", "hi")], &TemplateOptions::default())
+            .render(
+                &[message("system", "be brief"), message("user", "hi")],
+                &TemplateOptions::default(),
+            )
             .unwrap_err();
         match error {
             ChatTemplateError::Raised(message) => assert_eq!(
@@ -224,13 +230,16 @@ mod tests {
         )
         .unwrap();
         let rendered = template
-            .render(&[TemplateMessage {
-                role: "user".into(),
-                content: "  padded  ".into(),
-                name: Some("ann".into()),
-                tool_calls: None,
-                tool_call_id: None,
-            }], &TemplateOptions::default())
+            .render(
+                &[TemplateMessage {
+                    role: "user".into(),
+                    content: "  padded  ".into(),
+                    name: Some("ann".into()),
+                    tool_calls: None,
+                    tool_call_id: None,
+                }],
+                &TemplateOptions::default(),
+            )
             .unwrap();
         assert_eq!(rendered, "padded");
     }

@@ -11,6 +11,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
+use candlewick_engine::grammar::Constraint;
 use candlewick_engine::sampling::Sampled;
 use candlewick_engine::Tokenizer;
 use candlewick_scheduler::{
@@ -57,13 +58,15 @@ pub struct Submitted {
 }
 
 /// Submits `params.n` choices for each prompt; choice `i` of prompt `p` has index
-/// `p * n + i` and, when a seed is given, seed `seed + i`. When one submission is refused, the
-/// ones before it are cancelled (their receivers are dropped) and the refusal is returned;
-/// `prompt_param` names the request field of the prompt in that error.
+/// `p * n + i` and, when a seed is given, seed `seed + i`; with a `constraint`, each choice
+/// starts from a copy of it. When one submission is refused, the ones before it are cancelled
+/// (their receivers are dropped) and the refusal is returned; `prompt_param` names the request
+/// field of the prompt in that error.
 pub fn submit(
     scheduler: &Scheduler,
     prompts: &[Vec<u32>],
     params: &GenerationParams,
+    constraint: Option<&Constraint>,
     prompt_param: &'static str,
 ) -> Result<Submitted, ApiError> {
     let max_total_tokens = scheduler.config().max_total_tokens;
@@ -85,6 +88,7 @@ pub fn submit(
                     ignore_eos: params.ignore_eos,
                     stop_strings: params.stop_strings.clone(),
                 },
+                constraint: constraint.cloned(),
             };
             let events = scheduler
                 .submit(request)

@@ -1,13 +1,15 @@
 //! What every handler shares: the served model, its tokenizer, and the scheduler that runs it:
 //! the continuous-batching generator for causal LMs, the dynamic batcher for encoders.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
+use candlewick_engine::grammar::{Constraint, GrammarCompiler, GrammarError};
 use candlewick_engine::{EncoderTask, LoadedEncoder, LoadedGenerator, Tokenizer};
 use candlewick_scheduler::{
     EncoderConfig, EncoderScheduler, Scheduler, SchedulerConfig, SchedulerError,
 };
 
+use crate::api::common::StructuredOutput;
 use crate::chat_template::{ChatTemplate, ChatTemplateError};
 use crate::error::ApiError;
 use crate::generation::unix_now;
@@ -24,6 +26,9 @@ pub enum Engine {
         scheduler: Scheduler,
         /// The compiled chat template, or why there is none.
         chat_template: Result<ChatTemplate, ChatTemplateError>,
+        /// The model's vocabulary as the grammar engine sees it, built by the first structured
+        /// output.
+        grammar: OnceLock<Result<Box<GrammarCompiler>, GrammarError>>,
     },
     /// An encoder with one head, for the task routes.
     Encoder {
@@ -75,6 +80,7 @@ impl AppState {
             engine: Engine::Generator {
                 scheduler,
                 chat_template,
+                grammar: OnceLock::new(),
             },
         })
     }
@@ -109,6 +115,33 @@ impl AppState {
                 pipeline_tokenizer,
                 pooling,
             },
+        })
+    }
+
+    /// A fresh constraint for `structured`, compiled against the model's vocabulary; an
+    /// invalid grammar is a 400 naming the field and quoting the grammar engine. Blocks: call it
+    /// off the async runtime.
+    pub fn constraint(&self, structured: &StructuredOutput) -> Result<Constraint, ApiError> {
+        let Engine::Generator {
+            scheduler, grammar, ..
+        } = &self.engine
+        else {
+            return Err(ApiError::invalid(
+                structured.param,
+                "structured outputs need a generative model",
+            ));
+        };
+        let compiler = grammar
+            .get_or_init(|| {
+                GrammarCompiler::new(&self.tokenizer, scheduler.vocab_size()).map(Box::new)
+            })
+            .as_ref()
+            .map_err(|error| ApiError::invalid(structured.param, error.to_string()))?;
+        compiler.compile(&structured.grammar).map_err(|error| {
+            ApiError::invalid(
+                structured.param,
+                format!("{} cannot be used: {error}", structured.param),
+            )
         })
     }
 

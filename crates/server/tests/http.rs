@@ -741,3 +741,218 @@ async fn requests_past_their_time_limit_fail_with_504_or_an_error_chunk() {
         "{error}"
     );
 }
+
+/// A schema whose every document is short: the fixture's random weights write anything the
+/// grammar allows, so strings and arrays are bounded for the output to end within the budget.
+fn bounded_schema() -> Value {
+    json!({
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 10},
+            "age": {"type": "integer", "minimum": 0, "maximum": 120},
+            "mood": {"enum": ["happy", "sad"]},
+            "tags": {"type": "array", "items": {"$ref": "#/$defs/tag"}, "maxItems": 2}
+        },
+        "required": ["name", "age", "mood"],
+        "additionalProperties": false,
+        "$defs": {"tag": {"type": "string", "maxLength": 4}}
+    })
+}
+
+fn validate_against(schema: &Value, text: &str) {
+    let value: Value =
+        serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text:?}"));
+    let mut schemas = boon::Schemas::new();
+    let mut compiler = boon::Compiler::new();
+    compiler
+        .add_resource("schema.json", schema.clone())
+        .unwrap();
+    let index = compiler.compile("schema.json", &mut schemas).unwrap();
+    if let Err(error) = schemas.validate(&value, index) {
+        panic!("{text} breaks the schema: {error}");
+    }
+}
+
+#[tokio::test]
+async fn chat_json_schema_outputs_validate_sampled_or_greedy_streamed_or_not() {
+    let schema = bounded_schema();
+    for (temperature, seed) in [(0.0, 0), (1.0, 1), (1.0, 2), (1.3, 3)] {
+        let (status, body) = post_json(
+            "/v1/chat/completions",
+            json!({"model": MODEL, "messages": [{"role": "user", "content": "who?"}],
+                   "max_tokens": 200, "temperature": temperature, "seed": seed,
+                   "response_format": {"type": "json_schema",
+                       "json_schema": {"name": "person", "strict": true, "schema": schema}}}),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let choice = &body["choices"][0];
+        assert_eq!(choice["finish_reason"], "stop", "{body}");
+        validate_against(&schema, choice["message"]["content"].as_str().unwrap());
+    }
+
+    let request = json!({"model": MODEL, "messages": [{"role": "user", "content": "who?"}],
+        "max_tokens": 200, "temperature": 1.0, "seed": 7, "stream": true,
+        "response_format": {"type": "json_schema",
+            "json_schema": {"name": "person", "schema": schema}}});
+    let (status, text) = send(app(), post("/v1/chat/completions", request.to_string())).await;
+    assert_eq!(status, StatusCode::OK);
+    let mut content = String::new();
+    let mut finish = None;
+    for data in sse_data(&text) {
+        if data == "[DONE]" {
+            continue;
+        }
+        let chunk: Value = serde_json::from_str(&data).unwrap();
+        let choice = &chunk["choices"][0];
+        if let Some(delta) = choice["delta"]["content"].as_str() {
+            content.push_str(delta);
+        }
+        if let Some(reason) = choice["finish_reason"].as_str() {
+            finish = Some(reason.to_string());
+        }
+    }
+    assert_eq!(finish.as_deref(), Some("stop"));
+    validate_against(&schema, &content);
+    // The stream's text is the same reply as the JSON response's.
+    let mut unstreamed = request.clone();
+    unstreamed["stream"] = json!(false);
+    let (_, body) = post_json("/v1/chat/completions", unstreamed).await;
+    assert_eq!(body["choices"][0]["message"]["content"], content.as_str());
+}
+
+#[tokio::test]
+async fn completions_take_json_regex_choice_and_grammar_constraints() {
+    let prompt = "Answer:";
+    let constrained = |field: Value| {
+        let mut request = json!({"model": MODEL, "prompt": prompt, "max_tokens": 60,
+                                 "temperature": 1.0, "seed": 11, "n": 3});
+        for (key, value) in field.as_object().unwrap() {
+            request[key] = value.clone();
+        }
+        post_json("/v1/completions", request)
+    };
+    let texts = |body: &Value| -> Vec<String> {
+        body["choices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|choice| {
+                assert_eq!(choice["finish_reason"], "stop", "{body}");
+                choice["text"].as_str().unwrap().to_string()
+            })
+            .collect()
+    };
+
+    let choices = ["red", "green", "dark \"blue\""];
+    let (status, body) = constrained(json!({"guided_choice": choices})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    for text in texts(&body) {
+        assert!(choices.contains(&text.as_str()), "{text:?}");
+    }
+
+    let (status, body) = constrained(json!({"guided_regex": "[0-9]{2}-[a-c]{3}"})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    for text in texts(&body) {
+        let bytes = text.as_bytes();
+        assert!(
+            bytes.len() == 6
+                && bytes[..2].iter().all(u8::is_ascii_digit)
+                && bytes[2] == b'-'
+                && bytes[3..].iter().all(|b| (b'a'..=b'c').contains(b)),
+            "{text:?}"
+        );
+    }
+
+    let (status, body) =
+        constrained(json!({"guided_grammar": "start: \"go \" (\"left\" | \"right\") \"!\""})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    for text in texts(&body) {
+        assert!(text == "go left!" || text == "go right!", "{text:?}");
+    }
+
+    let schema = bounded_schema();
+    for field in [
+        json!({"guided_json": schema}),
+        json!({"response_format": {"type": "json_schema",
+                                   "json_schema": {"name": "p", "schema": schema}}}),
+    ] {
+        let (status, body) = constrained(field).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        for text in texts(&body) {
+            validate_against(&schema, &text);
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_grammar_that_does_not_compile_is_a_400_quoting_the_engine() {
+    for (field, param) in [
+        (
+            json!({"response_format": {"type": "json_schema",
+                   "json_schema": {"name": "bad", "schema": {"type": "strnig"}}}}),
+            "response_format",
+        ),
+        (json!({"guided_regex": "(open"}), "guided_regex"),
+        (
+            json!({"guided_grammar": "start: undefined_rule"}),
+            "guided_grammar",
+        ),
+    ] {
+        let mut request = json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}]});
+        for (key, value) in field.as_object().unwrap() {
+            request[key] = value.clone();
+        }
+        let (status, body) = post_json("/v1/chat/completions", request).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        assert_error(&body, Some(param), None);
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(
+            message.starts_with(&format!("{param} cannot be used: ")),
+            "{message}"
+        );
+        assert!(message.len() > param.len() + 20, "{message}");
+    }
+}
+
+#[tokio::test]
+async fn seeded_constrained_sampling_is_the_same_alone_and_beside_fifteen_others() {
+    let request = |seed: u64| {
+        json!({"model": MODEL, "prompt": "Data:", "max_tokens": 120, "temperature": 1.0,
+               "seed": seed, "guided_json": bounded_schema()})
+    };
+    // A fresh engine, so that the batch composition is only what this test sends.
+    let state = load_state(Duration::from_secs(120));
+    let app = router(state, &options()).unwrap();
+    let (_, alone) = send(app.clone(), post("/v1/completions", request(5).to_string())).await;
+    let alone: Value = serde_json::from_str(&alone).unwrap();
+    let mut batch = Vec::new();
+    for seed in 100..115 {
+        batch.push(send(
+            app.clone(),
+            post("/v1/completions", request(seed).to_string()),
+        ));
+    }
+    batch.insert(
+        7,
+        send(app.clone(), post("/v1/completions", request(5).to_string())),
+    );
+    let results = futures_util::future::join_all(batch).await;
+    let beside: Value = serde_json::from_str(&results[7].1).unwrap();
+    assert_eq!(beside["choices"][0]["text"], alone["choices"][0]["text"]);
+    validate_against(
+        &bounded_schema(),
+        alone["choices"][0]["text"].as_str().unwrap(),
+    );
+    let distinct: std::collections::HashSet<String> = results
+        .iter()
+        .map(|(status, text)| {
+            assert_eq!(*status, StatusCode::OK, "{text}");
+            let body: Value = serde_json::from_str(text).unwrap();
+            let text = body["choices"][0]["text"].as_str().unwrap().to_string();
+            validate_against(&bounded_schema(), &text);
+            text
+        })
+        .collect();
+    assert!(distinct.len() > 8, "{distinct:?}");
+}

@@ -312,7 +312,26 @@ impl Sampler {
     ///
     /// Greedy steps draw nothing from the generator; every other step draws exactly one number.
     pub fn sample(&mut self, logits: &[f32]) -> Result<Sampled, SamplingError> {
+        self.sample_allowed(logits, None)
+    }
+
+    /// [`Sampler::sample`] among the tokens `allowed` permits (bit `t % 32` of word `t / 32`
+    /// for token `t`, as [`crate::grammar::Constraint::mask`] gives it): the others are masked
+    /// to -inf after the bias and penalties, so log-probabilities are those of the constrained
+    /// distribution. `None` allows every token.
+    pub fn sample_allowed(
+        &mut self,
+        logits: &[f32],
+        allowed: Option<&[u32]>,
+    ) -> Result<Sampled, SamplingError> {
         self.process(logits)?;
+        if let Some(allowed) = allowed {
+            for (token, logit) in self.logits.iter_mut().enumerate() {
+                if !crate::grammar::allows(allowed, token as u32) {
+                    *logit = f32::NEG_INFINITY;
+                }
+            }
+        }
         let logits = &self.logits;
         let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         if max == f32::NEG_INFINITY {
@@ -1002,6 +1021,53 @@ mod tests {
             let observed = frequencies(&p, &logits);
             assert_frequencies(&observed, &[0.0, 0.5, 0.0, 0.5, 0.0]);
         }
+    }
+
+    #[test]
+    fn an_allowed_mask_restricts_draws_and_renormalises_logprobs() {
+        // Tokens 1 and 34 allowed (word 0 bit 1, word 1 bit 2); 0 is the most likely overall.
+        let mut logits = vec![-5.0f32; 40];
+        logits[0] = 10.0;
+        logits[1] = 1.0;
+        logits[34] = 1.0f32 + 2.0f32.ln();
+        let allowed = [1u32 << 1, 1u32 << 2];
+        let mut greedy = sampler(SamplingParams {
+            temperature: 0.0,
+            logprobs: Some(3),
+            ..params()
+        });
+        let chosen = greedy.sample_allowed(&logits, Some(&allowed)).unwrap();
+        assert_eq!(chosen.token, 34);
+        // p(34) = 2/3 of the allowed mass; masked tokens rank last at -inf.
+        assert!(
+            (chosen.logprob - (2.0f32 / 3.0).ln()).abs() < 1e-5,
+            "{chosen:?}"
+        );
+        assert_eq!(chosen.top_logprobs[1].0, 1);
+        assert_eq!(chosen.top_logprobs[2].1, f32::NEG_INFINITY);
+
+        let mut random = sampler(SamplingParams {
+            temperature: 1.0,
+            ..params()
+        });
+        let mut counts = [0usize; 2];
+        for _ in 0..3000 {
+            match random
+                .sample_allowed(&logits, Some(&allowed))
+                .unwrap()
+                .token
+            {
+                1 => counts[0] += 1,
+                34 => counts[1] += 1,
+                other => panic!("drew masked token {other}"),
+            }
+        }
+        let share = counts[1] as f64 / 3000.0;
+        assert!((share - 2.0 / 3.0).abs() < 0.04, "{counts:?}");
+        assert_eq!(
+            random.sample_allowed(&logits, Some(&[0, 0])),
+            Err(SamplingError::AllTokensMasked)
+        );
     }
 
     #[test]

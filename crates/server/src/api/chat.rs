@@ -6,8 +6,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::common::{
-    include_usage, refuse_if_present, GenerationParams, SamplingFields, StopSpec, StreamOptions,
-    Usage,
+    include_usage, refuse_if_present, GenerationParams, ResponseFormat, SamplingFields, StopSpec,
+    StreamOptions, StructuredFields, StructuredOutput, Usage,
 };
 use crate::chat_template::{TemplateMessage, TemplateOptions};
 use crate::error::ApiError;
@@ -44,7 +44,7 @@ pub struct ChatCompletionRequest {
     pub parallel_tool_calls: Option<bool>,
     pub functions: Option<Value>,
     pub function_call: Option<Value>,
-    pub response_format: Option<Value>,
+    pub response_format: Option<ResponseFormat>,
     /// Passed to the chat template as `reasoning_effort`; templates that do not read it ignore it.
     pub reasoning_effort: Option<String>,
     /// Passed to the chat template as `verbosity`, as `reasoning_effort` is.
@@ -74,6 +74,10 @@ pub struct ChatCompletionRequest {
     pub min_p: Option<f32>,
     pub repetition_penalty: Option<f32>,
     pub ignore_eos: Option<bool>,
+    pub guided_json: Option<Value>,
+    pub guided_regex: Option<String>,
+    pub guided_choice: Option<Vec<String>>,
+    pub guided_grammar: Option<String>,
 }
 
 /// One message of the conversation: `developer`, `system`, `user`, `assistant` or `tool`.
@@ -132,6 +136,8 @@ pub struct ChatPlan {
     pub messages: Vec<TemplateMessage>,
     pub template_options: TemplateOptions,
     pub params: GenerationParams,
+    /// The grammar the reply must match.
+    pub structured: Option<StructuredOutput>,
     pub stream: bool,
     pub include_usage: bool,
 }
@@ -140,14 +146,26 @@ impl ChatCompletionRequest {
     /// Checks every field, refusing what this server does not implement.
     pub fn validate(self) -> Result<ChatPlan, ApiError> {
         const NO_TOOLS: &str = "tool and function calling are not implemented";
-        refuse_if_present("audio", &self.audio, "audio output is not available: this model writes text")?;
-        refuse_if_present("prediction", &self.prediction, "predicted outputs are not implemented")?;
+        refuse_if_present(
+            "audio",
+            &self.audio,
+            "audio output is not available: this model writes text",
+        )?;
+        refuse_if_present(
+            "prediction",
+            &self.prediction,
+            "predicted outputs are not implemented",
+        )?;
         refuse_if_present(
             "web_search_options",
             &self.web_search_options,
             "this server has no web search",
         )?;
-        refuse_if_present("moderation", &self.moderation, "this server runs no moderation")?;
+        refuse_if_present(
+            "moderation",
+            &self.moderation,
+            "this server runs no moderation",
+        )?;
         if let Some(other) = self
             .modalities
             .iter()
@@ -167,16 +185,14 @@ impl ChatCompletionRequest {
         {
             refuse_if_present("tool_choice", &self.tool_choice, NO_TOOLS)?;
         }
-        let text_format = serde_json::json!({"type": "text"});
-        if !matches!(&self.response_format, None | Some(Value::Null))
-            && self.response_format.as_ref() != Some(&text_format)
-        {
-            refuse_if_present(
-                "response_format",
-                &self.response_format,
-                "only {\"type\": \"text\"} is implemented",
-            )?;
+        let structured = StructuredFields {
+            response_format: self.response_format,
+            guided_json: self.guided_json,
+            guided_regex: self.guided_regex,
+            guided_choice: self.guided_choice,
+            guided_grammar: self.guided_grammar,
         }
+        .validate()?;
         let logprobs = match (self.logprobs.unwrap_or(false), self.top_logprobs) {
             (false, None) => None,
             (false, Some(_)) => {
@@ -241,6 +257,7 @@ impl ChatCompletionRequest {
             messages,
             template_options,
             params,
+            structured,
             stream,
             include_usage,
         })
@@ -317,7 +334,12 @@ impl ChatMessage {
         }
         let tool_calls = self
             .tool_calls
-            .map(|calls| calls.into_iter().map(RequestToolCall::into_template_value).collect::<Result<Vec<_>, _>>())
+            .map(|calls| {
+                calls
+                    .into_iter()
+                    .map(RequestToolCall::into_template_value)
+                    .collect::<Result<Vec<_>, _>>()
+            })
             .transpose()?;
         Ok(TemplateMessage {
             role,
@@ -336,7 +358,10 @@ impl RequestToolCall {
         if self.kind != "function" {
             return Err(ApiError::invalid(
                 "messages",
-                format!("tool calls of type {:?} are not supported: only \"function\"", self.kind),
+                format!(
+                    "tool calls of type {:?} are not supported: only \"function\"",
+                    self.kind
+                ),
             ));
         }
         let arguments = serde_json::from_str::<Value>(&self.function.arguments)
@@ -359,13 +384,17 @@ fn text_of_part(part: &Map<String, Value>, assistant: bool) -> Result<&str, ApiE
         "image_url" | "input_audio" | "file" => {
             return Err(ApiError::invalid(
                 "messages",
-                format!("content parts of type {kind:?} are not supported: this model reads text only"),
+                format!(
+                    "content parts of type {kind:?} are not supported: this model reads text only"
+                ),
             ))
         }
         _ => {
             return Err(ApiError::invalid(
                 "messages",
-                format!("content parts of type {kind:?} are not supported: only \"text\" parts are"),
+                format!(
+                    "content parts of type {kind:?} are not supported: only \"text\" parts are"
+                ),
             ))
         }
     };
@@ -378,9 +407,12 @@ fn text_of_part(part: &Map<String, Value>, assistant: bool) -> Result<&str, ApiE
             format!("unknown field `{extra}` in a {kind} content part"),
         ));
     }
-    part.get(field)
-        .and_then(Value::as_str)
-        .ok_or_else(|| ApiError::invalid("messages", format!("a {kind} content part needs a string `{field}`")))
+    part.get(field).and_then(Value::as_str).ok_or_else(|| {
+        ApiError::invalid(
+            "messages",
+            format!("a {kind} content part needs a string `{field}`"),
+        )
+    })
 }
 
 /// The response.
@@ -500,20 +532,91 @@ mod tests {
     }
 
     #[test]
-    fn tools_functions_and_structured_output_are_refused() {
+    fn tools_and_functions_are_refused() {
         for field in [
             r#""tools": [{"type": "function", "function": {"name": "f"}}]"#,
             r#""tool_choice": "auto""#,
             r#""functions": [{"name": "f"}]"#,
             r#""function_call": "auto""#,
-            r#""response_format": {"type": "json_object"}"#,
         ] {
             let json = format!(r#"{{"model": "m", {HI}, {field}}}"#);
             let param = refused_param(&json).unwrap();
             assert!(field.contains(param), "{field} refused as {param}");
         }
-        let json = format!(r#"{{"model": "m", {HI}, "response_format": {{"type": "text"}}}}"#);
-        assert!(parse(&json).is_ok());
+    }
+
+    #[test]
+    fn structured_output_fields_become_one_grammar() {
+        use candlewick_engine::grammar::Grammar;
+        let grammar = |field: &str| {
+            let json = format!(r#"{{"model": "m", {HI}, {field}}}"#);
+            parse(&json)
+                .unwrap()
+                .structured
+                .map(|s| (s.grammar, s.param))
+        };
+        assert_eq!(grammar(r#""response_format": {"type": "text"}"#), None);
+        assert_eq!(
+            grammar(r#""response_format": {"type": "json_object"}"#),
+            Some((Grammar::JsonObject, "response_format"))
+        );
+        let schema =
+            serde_json::json!({"type": "object", "properties": {"a": {"type": "integer"}}});
+        assert_eq!(
+            grammar(&format!(
+                r#""response_format": {{"type": "json_schema", "json_schema":
+                    {{"name": "thing", "strict": true, "schema": {schema}}}}}"#
+            )),
+            Some((Grammar::JsonSchema(schema.clone()), "response_format"))
+        );
+        assert_eq!(
+            grammar(&format!(
+                r#""guided_json": {}"#,
+                Value::String(schema.to_string())
+            )),
+            Some((Grammar::JsonSchema(schema), "guided_json"))
+        );
+        assert_eq!(
+            grammar(r#""guided_regex": "[ab]+""#),
+            Some((Grammar::Regex("[ab]+".into()), "guided_regex"))
+        );
+        assert_eq!(
+            grammar(r#""guided_choice": ["x", "y"]"#),
+            Some((
+                Grammar::Choice(vec!["x".into(), "y".into()]),
+                "guided_choice"
+            ))
+        );
+        assert_eq!(
+            grammar(r#""guided_grammar": "start: \"a\"""#),
+            Some((Grammar::Lark("start: \"a\"".into()), "guided_grammar"))
+        );
+        for (field, param) in [
+            (
+                r#""response_format": {"type": "json_object"}, "guided_regex": "a""#,
+                "guided_regex",
+            ),
+            (r#""guided_choice": []"#, "guided_choice"),
+            (r#""guided_json": "{not json""#, "guided_json"),
+            (
+                r#""response_format": {"type": "json_schema", "json_schema": {"name": "a b"}}"#,
+                "response_format",
+            ),
+        ] {
+            let json = format!(r#"{{"model": "m", {HI}, {field}}}"#);
+            assert_eq!(refused_param(&json), Some(param), "{field}");
+        }
+        // Unknown types and keys are malformed requests.
+        for field in [
+            r#""response_format": {"type": "xml"}"#,
+            r#""response_format": {"type": "json_schema", "json_schema": {"name": "a", "extra": 1}}"#,
+        ] {
+            let json = format!(r#"{{"model": "m", {HI}, {field}}}"#);
+            assert!(
+                matches!(parse(&json), Err(ApiError::MalformedRequest(_))),
+                "{field}"
+            );
+        }
     }
 
     #[test]
@@ -560,8 +663,9 @@ mod tests {
             refused_param(r#"{"model": "m", "messages": []}"#),
             Some("messages")
         );
-        let error = parse(r#"{"model": "m", "messages": [{"role": "user", "content": "x", "weight": 1}]}"#)
-            .unwrap_err();
+        let error =
+            parse(r#"{"model": "m", "messages": [{"role": "user", "content": "x", "weight": 1}]}"#)
+                .unwrap_err();
         assert!(error.to_string().contains("weight"), "{error}");
         let error = parse(r#"{"model": "m", "messages": [{"role": "critic", "content": "x"}]}"#)
             .unwrap_err();
@@ -580,11 +684,17 @@ mod tests {
         ))
         .unwrap();
         assert!(plan.include_usage);
-        assert_eq!(plan.template_options.reasoning_effort.as_deref(), Some("low"));
+        assert_eq!(
+            plan.template_options.reasoning_effort.as_deref(),
+            Some("low")
+        );
         assert_eq!(plan.template_options.verbosity.as_deref(), Some("high"));
         // Their types are still checked.
         assert!(parse(&format!(r#"{{"model": "m", {HI}, "store": "yes"}}"#)).is_err());
-        assert!(parse(&format!(r#"{{"model": "m", {HI}, "metadata": {{"k": 1}}}}"#)).is_err());
+        assert!(parse(&format!(
+            r#"{{"model": "m", {HI}, "metadata": {{"k": 1}}}}"#
+        ))
+        .is_err());
         // Fields outside OpenAI's schema are still refused.
         assert!(parse(&format!(r#"{{"model": "m", {HI}, "best_effort": true}}"#)).is_err());
     }
@@ -594,9 +704,15 @@ mod tests {
         for (field, param) in [
             (r#""audio": {"voice": "alloy", "format": "mp3"}"#, "audio"),
             (r#""modalities": ["text", "audio"]"#, "modalities"),
-            (r#""prediction": {"type": "content", "content": "x"}"#, "prediction"),
+            (
+                r#""prediction": {"type": "content", "content": "x"}"#,
+                "prediction",
+            ),
             (r#""web_search_options": {}"#, "web_search_options"),
-            (r#""moderation": {"model": "omni-moderation-latest"}"#, "moderation"),
+            (
+                r#""moderation": {"model": "omni-moderation-latest"}"#,
+                "moderation",
+            ),
         ] {
             let json = format!(r#"{{"model": "m", {HI}, {field}}}"#);
             assert_eq!(refused_param(&json), Some(param), "{field}");
@@ -605,7 +721,9 @@ mod tests {
             r#"{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}"#,
             r#"{"type": "file", "file": {"file_id": "f"}}"#,
         ] {
-            let json = format!(r#"{{"model": "m", "messages": [{{"role": "user", "content": [{part}]}}]}}"#);
+            let json = format!(
+                r#"{{"model": "m", "messages": [{{"role": "user", "content": [{part}]}}]}}"#
+            );
             let error = parse(&json).unwrap_err();
             assert!(error.to_string().contains("text only"), "{error}");
         }

@@ -3,9 +3,11 @@
 
 use std::collections::BTreeMap;
 
+use candlewick_engine::grammar::Grammar;
 use candlewick_engine::sampling::SamplingParams;
 use serde::ser::SerializeMap;
 use serde::{Deserialize, Serialize, Serializer};
+use serde_json::{Map, Value};
 
 use crate::error::ApiError;
 
@@ -395,5 +397,118 @@ mod tests {
             serde_json::to_string(&top).unwrap(),
             r#"{"b":-0.5,"a":-9999.0}"#
         );
+    }
+}
+
+/// `response_format`: OpenAI's structured outputs.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ResponseFormat {
+    /// Free text: no constraint.
+    Text,
+    /// Any JSON object.
+    JsonObject,
+    /// A JSON document valid against `json_schema.schema`.
+    JsonSchema { json_schema: JsonSchemaFormat },
+}
+
+/// `response_format.json_schema`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JsonSchemaFormat {
+    pub name: String,
+    pub description: Option<String>,
+    /// Absent: any JSON document.
+    pub schema: Option<Value>,
+    /// Outputs always follow the schema here, strict or not.
+    pub strict: Option<bool>,
+}
+
+/// The grammar a request's output must match, and the field that gave it (for errors).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StructuredOutput {
+    pub grammar: Grammar,
+    pub param: &'static str,
+}
+
+/// The structured-output fields of a request: OpenAI's `response_format` and the extensions
+/// named as vLLM names them.
+#[derive(Debug, Clone, Default)]
+pub struct StructuredFields {
+    pub response_format: Option<ResponseFormat>,
+    /// A JSON schema, as an object or as JSON text.
+    pub guided_json: Option<Value>,
+    pub guided_regex: Option<String>,
+    pub guided_choice: Option<Vec<String>>,
+    /// A Lark grammar (llguidance's dialect).
+    pub guided_grammar: Option<String>,
+}
+
+impl StructuredFields {
+    /// The one grammar the fields ask for, if any; more than one is refused.
+    pub fn validate(self) -> Result<Option<StructuredOutput>, ApiError> {
+        let mut given: Vec<StructuredOutput> = Vec::new();
+        let mut add = |param: &'static str, grammar: Grammar| {
+            given.push(StructuredOutput { grammar, param });
+        };
+        match self.response_format {
+            None | Some(ResponseFormat::Text) => {}
+            Some(ResponseFormat::JsonObject) => add("response_format", Grammar::JsonObject),
+            Some(ResponseFormat::JsonSchema { json_schema }) => {
+                if json_schema.name.is_empty()
+                    || !json_schema
+                        .name
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+                    || json_schema.name.len() > 64
+                {
+                    return Err(ApiError::invalid(
+                        "response_format",
+                        format!(
+                            "json_schema.name must be 1 to 64 letters, digits, '_' or '-', got {:?}",
+                            json_schema.name
+                        ),
+                    ));
+                }
+                let schema = json_schema
+                    .schema
+                    .unwrap_or_else(|| Value::Object(Map::new()));
+                add("response_format", Grammar::JsonSchema(schema));
+            }
+        }
+        if let Some(schema) = self.guided_json {
+            let schema = match schema {
+                Value::String(text) => serde_json::from_str(&text).map_err(|e| {
+                    ApiError::invalid("guided_json", format!("guided_json is not JSON: {e}"))
+                })?,
+                schema => schema,
+            };
+            add("guided_json", Grammar::JsonSchema(schema));
+        }
+        if let Some(regex) = self.guided_regex {
+            add("guided_regex", Grammar::Regex(regex));
+        }
+        if let Some(choices) = self.guided_choice {
+            if choices.is_empty() || choices.iter().any(String::is_empty) {
+                return Err(ApiError::invalid(
+                    "guided_choice",
+                    "guided_choice must be a non-empty list of non-empty strings",
+                ));
+            }
+            add("guided_choice", Grammar::Choice(choices));
+        }
+        if let Some(grammar) = self.guided_grammar {
+            add("guided_grammar", Grammar::Lark(grammar));
+        }
+        match given.len() {
+            0 | 1 => Ok(given.pop()),
+            _ => Err(ApiError::invalid(
+                given[1].param,
+                format!(
+                    "{} and {} both constrain the output; give one",
+                    given[0].param, given[1].param
+                ),
+            )),
+        }
     }
 }

@@ -6,8 +6,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::common::{
-    include_usage, refuse_if_present, GenerationParams, SamplingFields, StopSpec, StreamOptions,
-    TopLogprobs, Usage,
+    include_usage, refuse_if_present, GenerationParams, ResponseFormat, SamplingFields, StopSpec,
+    StreamOptions, StructuredFields, StructuredOutput, TopLogprobs, Usage,
 };
 use crate::error::ApiError;
 
@@ -44,6 +44,12 @@ pub struct CompletionRequest {
     pub min_p: Option<f32>,
     pub repetition_penalty: Option<f32>,
     pub ignore_eos: Option<bool>,
+    /// Extensions for structured outputs: chat's `response_format`, and vLLM's names.
+    pub response_format: Option<ResponseFormat>,
+    pub guided_json: Option<Value>,
+    pub guided_regex: Option<String>,
+    pub guided_choice: Option<Vec<String>>,
+    pub guided_grammar: Option<String>,
 }
 
 /// `prompt`: text or token ids, one prompt or a list of them.
@@ -74,6 +80,8 @@ pub struct CompletionPlan {
     pub model: String,
     pub prompts: Vec<PromptInput>,
     pub params: GenerationParams,
+    /// The grammar each choice must match.
+    pub structured: Option<StructuredOutput>,
     pub stream: bool,
     pub include_usage: bool,
     pub echo: bool,
@@ -150,10 +158,19 @@ impl CompletionRequest {
             logprobs,
         }
         .validate()?;
+        let structured = StructuredFields {
+            response_format: self.response_format,
+            guided_json: self.guided_json,
+            guided_regex: self.guided_regex,
+            guided_choice: self.guided_choice,
+            guided_grammar: self.guided_grammar,
+        }
+        .validate()?;
         Ok(CompletionPlan {
             model: self.model,
             prompts,
             params,
+            structured,
             stream,
             include_usage,
             echo,

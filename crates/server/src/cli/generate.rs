@@ -105,6 +105,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             ignore_eos: args.ignore_eos,
             stop_strings: Vec::new(),
         },
+        constraint: None,
     };
 
     let start = Instant::now();

@@ -29,14 +29,25 @@ pub async fn create(
     state.check_model(&plan.model)?;
     let (messages, options) = (plan.messages, plan.template_options);
     let rendering = Arc::clone(&state);
-    let prompt = blocking(move || {
+    let structured = plan.structured.clone();
+    let (prompt, constraint) = blocking(move || {
         let text = rendering.chat_template()?.render(&messages, &options)?;
         // The template writes the special tokens (BOS) itself.
-        Ok(rendering.tokenizer.encode(&text, false)?)
+        let prompt = rendering.tokenizer.encode(&text, false)?;
+        let constraint = structured
+            .map(|structured| rendering.constraint(&structured))
+            .transpose()?;
+        Ok((prompt, constraint))
     })
     .await?;
     let prompts = [prompt];
-    let submitted = generation::submit(state.generator()?, &prompts, &plan.params, "messages")?;
+    let submitted = generation::submit(
+        state.generator()?,
+        &prompts,
+        &plan.params,
+        constraint.as_ref(),
+        "messages",
+    )?;
     let format = Format {
         id: request_id("chatcmpl"),
         created: unix_now(),

@@ -29,8 +29,18 @@ pub async fn create(
     let echo = plan.echo;
     let prompts = plan.prompts;
     let tokenizer = Arc::clone(&state.tokenizer);
-    let (ids, echoes) = blocking(move || tokenize(&tokenizer, prompts, echo)).await?;
-    let submitted = generation::submit(scheduler, &ids, &plan.params, "prompt")?;
+    let compiling = Arc::clone(&state);
+    let structured = plan.structured.clone();
+    let (ids, echoes, constraint) = blocking(move || {
+        let (ids, echoes) = tokenize(&tokenizer, prompts, echo)?;
+        let constraint = structured
+            .map(|structured| compiling.constraint(&structured))
+            .transpose()?;
+        Ok((ids, echoes, constraint))
+    })
+    .await?;
+    let submitted =
+        generation::submit(scheduler, &ids, &plan.params, constraint.as_ref(), "prompt")?;
     let format = Format {
         id: request_id("cmpl"),
         created: unix_now(),
