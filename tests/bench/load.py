@@ -164,6 +164,7 @@ class LoadConfig:
     seed: int
     api_key: str | None = None
     shared_prefix: int = 0
+    extra_body: dict[str, Any] = field(default_factory=dict)
 
     def headers(self) -> dict[str, str]:
         return {"authorization": f"Bearer {self.api_key}"} if self.api_key else {}
@@ -185,6 +186,7 @@ def request_body(config: LoadConfig, prompt: list[int]) -> dict[str, Any]:
         "ignore_eos": True,
         "stream": True,
         "stream_options": {"include_usage": True},
+        **config.extra_body,
     }
 
 
@@ -441,6 +443,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--level-timeout", type=float, default=900.0, help="seconds per level (%(default)s)"
     )
     load.add_argument("--seed", type=int, default=0, help="of the prompts (%(default)s)")
+    load.add_argument(
+        "--extra-body",
+        type=json.loads,
+        default={},
+        metavar="JSON",
+        help="fields added to every request, e.g. a response_format, to measure its cost",
+    )
     load.add_argument("--json", metavar="PATH", help="also write the results as JSON (- = stdout)")
     args = parser.parse_args(argv)
     if args.requests < 1 or args.prompt_len < 1 or args.max_tokens < 1:
@@ -482,6 +491,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             seed=args.seed,
             api_key=args.api_key,
             shared_prefix=args.shared_prefix,
+            extra_body=args.extra_body,
         )
         reports = asyncio.run(_run(config, args.concurrency, args.warmup))
     finally:

@@ -448,9 +448,12 @@ impl EngineLoop {
                 let masks = std::thread::Builder::new()
                     .name("candlewick-grammar".into())
                     .spawn_scoped(scope, move || {
+                        let started = Instant::now();
                         for sequence in &mut constrained {
                             let _ = sequence.prepare_mask();
                         }
+                        metrics::histogram!("candlewick_grammar_mask_seconds")
+                            .record(started.elapsed().as_secs_f64());
                     });
                 let result = generator.decode(&rows);
                 if let Ok(masks) = masks {

@@ -69,6 +69,11 @@ fn describe() {
         "One decode step"
     );
     describe_histogram!(
+        "candlewick_grammar_mask_seconds",
+        Unit::Seconds,
+        "Structured outputs' token masks of one decode step (overlapping the step)"
+    );
+    describe_histogram!(
         "candlewick_prefill_step_seconds",
         Unit::Seconds,
         "One prefill step"

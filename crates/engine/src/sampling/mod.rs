@@ -326,9 +326,17 @@ impl Sampler {
     ) -> Result<Sampled, SamplingError> {
         self.process(logits)?;
         if let Some(allowed) = allowed {
-            for (token, logit) in self.logits.iter_mut().enumerate() {
-                if !crate::grammar::allows(allowed, token as u32) {
-                    *logit = f32::NEG_INFINITY;
+            // Word by word: a word of 32 allowed tokens (most of a free-text state) costs one
+            // comparison.
+            for (at, chunk) in self.logits.chunks_mut(32).enumerate() {
+                let word = allowed.get(at).copied().unwrap_or(0);
+                if word == u32::MAX {
+                    continue;
+                }
+                for (bit, logit) in chunk.iter_mut().enumerate() {
+                    if word >> bit & 1 == 0 {
+                        *logit = f32::NEG_INFINITY;
+                    }
                 }
             }
         }
