@@ -956,3 +956,56 @@ async fn seeded_constrained_sampling_is_the_same_alone_and_beside_fifteen_others
         .collect();
     assert!(distinct.len() > 8, "{distinct:?}");
 }
+
+#[tokio::test]
+async fn tokenize_and_detokenize_count_as_the_prompts_do() {
+    let tokenizer = &state().tokenizer;
+    let (status, body) = post_json(
+        "/tokenize",
+        json!({"model": MODEL, "prompt": "Hello world", "return_token_strs": true}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let expected = tokenizer.encode("Hello world", true).unwrap();
+    assert_eq!(body["tokens"], json!(expected));
+    assert_eq!(body["count"], expected.len());
+    assert_eq!(body["max_model_len"], 512);
+    assert_eq!(body["token_strs"].as_array().unwrap().len(), expected.len());
+    assert_eq!(body["token_strs"][0], "<s>");
+
+    // A conversation counts as the chat route's prompt: the rendered template, no second BOS.
+    let (status, body) = post_json(
+        "/tokenize",
+        json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let chat = tokenizer.encode("<s>[INST] hi [/INST]", false).unwrap();
+    assert_eq!(body["tokens"], json!(chat));
+    assert!(body["token_strs"].is_null());
+
+    let (status, body) =
+        post_json("/detokenize", json!({"model": MODEL, "tokens": expected})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["prompt"], "<s> Hello world");
+
+    for (route, request, param) in [
+        (
+            "/tokenize",
+            json!({"model": MODEL, "prompt": "a", "messages": []}),
+            "messages",
+        ),
+        ("/tokenize", json!({"model": MODEL}), "prompt"),
+        (
+            "/detokenize",
+            json!({"model": MODEL, "tokens": [1, 99999]}),
+            "tokens",
+        ),
+    ] {
+        let (status, body) = post_json(route, request).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        assert_error(&body, Some(param), None);
+    }
+    let (status, _) = post_json("/detokenize", json!({"model": "other", "tokens": [1]})).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}

@@ -268,7 +268,7 @@ impl ChatMessage {
     /// The message as the template sees it: text parts joined by newlines, `developer` as the
     /// template's `system`, history tool calls with their arguments parsed (HF templates read
     /// `tool_call.function.arguments` as a mapping).
-    fn into_template_message(self) -> Result<TemplateMessage, ApiError> {
+    pub fn into_template_message(self) -> Result<TemplateMessage, ApiError> {
         let role = match self.role.as_str() {
             "developer" => "system".to_string(),
             "system" | "user" | "assistant" | "tool" => self.role,

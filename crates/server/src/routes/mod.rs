@@ -6,6 +6,7 @@ pub mod embeddings;
 pub mod encoders;
 pub mod health;
 pub mod models;
+pub mod tokenize;
 
 use std::sync::Arc;
 
@@ -39,8 +40,8 @@ pub struct RouterOptions {
 #[derive(Debug, Clone, Copy)]
 struct BodyLimit(usize);
 
-/// Builds the router: `/v1` (behind the API key when one is set), `/health`, `/ready` and
-/// `/metrics`, with request metrics, logs, the body limit and CORS.
+/// Builds the router: `/v1`, `/tokenize` and `/detokenize` (behind the API key when one is
+/// set), `/health`, `/ready` and `/metrics`, with request metrics, logs, the body limit and CORS.
 pub fn router(state: Arc<AppState>, options: &RouterOptions) -> Result<Router, ConfigError> {
     let mut v1 = Router::new()
         .route("/v1/completions", post(completions::create))
@@ -51,7 +52,9 @@ pub fn router(state: Arc<AppState>, options: &RouterOptions) -> Result<Router, C
         .route("/v1/question-answering", post(encoders::question_answering))
         .route("/v1/fill-mask", post(encoders::fill_mask))
         .route("/v1/models", get(models::list))
-        .route("/v1/models/{*model}", get(models::retrieve));
+        .route("/v1/models/{*model}", get(models::retrieve))
+        .route("/tokenize", post(tokenize::tokenize))
+        .route("/detokenize", post(tokenize::detokenize));
     if let Some(key) = &options.api_key {
         v1 = v1.route_layer(middleware::from_fn_with_state(
             ApiKey::new(key),
