@@ -583,3 +583,116 @@ def test_fields_that_cannot_change_the_output_are_accepted(
     )
     text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
     assert text == plain.choices[0].message.content
+
+
+# --------------------------------------------------------------------------------------------
+# Tool calls
+
+WEATHER_TOOLS: list[Any] = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "The weather of a city",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "city": {"type": "string", "maxLength": 8},
+                    "unit": {"enum": ["C", "F"]},
+                },
+                "required": ["city", "unit"],
+                "additionalProperties": False,
+            },
+        },
+    },
+    {"type": "function", "function": {"name": "get_time"}},
+]
+
+
+class WeatherArguments(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    city: str = Field(max_length=8)
+    unit: Literal["C", "F"]
+
+
+def test_named_tool_choice_returns_a_call_of_that_function(client: OpenAI, model_name: str) -> None:
+    response = client.chat.completions.create(
+        model=model_name,
+        messages=[{"role": "user", "content": "Weather in Paris?"}],
+        tools=WEATHER_TOOLS,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        max_tokens=200,
+        temperature=1.0,
+        seed=1,
+    )
+    choice = response.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content is None
+    (call,) = choice.message.tool_calls or []
+    assert call.type == "function" and call.id.startswith("call_")
+    assert call.function.name == "get_weather"
+    WeatherArguments.model_validate_json(call.function.arguments)
+
+
+def test_required_tool_choice_without_parallel_calls_returns_one_call(
+    client: OpenAI, model_name: str
+) -> None:
+    response = client.chat.completions.create(
+        model=model_name,
+        messages=[{"role": "user", "content": "Time or weather?"}],
+        tools=WEATHER_TOOLS,
+        tool_choice="required",
+        parallel_tool_calls=False,
+        max_tokens=200,
+        temperature=1.0,
+        seed=2,
+    )
+    choice = response.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    (call,) = choice.message.tool_calls or []
+    assert call.function.name in ("get_weather", "get_time")
+    if call.function.name == "get_weather":
+        WeatherArguments.model_validate_json(call.function.arguments)
+
+
+def test_tool_calls_stream_as_openai_deltas(client: OpenAI, model_name: str) -> None:
+    stream = client.chat.completions.create(
+        model=model_name,
+        messages=[{"role": "user", "content": "Weather?"}],
+        tools=WEATHER_TOOLS,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        max_tokens=200,
+        temperature=1.0,
+        seed=3,
+        stream=True,
+    )
+    names: dict[int, str] = {}
+    arguments: dict[int, str] = {}
+    finish = None
+    for chunk in stream:
+        if not chunk.choices:
+            continue
+        choice = chunk.choices[0]
+        for delta in choice.delta.tool_calls or []:
+            if delta.function and delta.function.name:
+                names[delta.index] = names.get(delta.index, "") + delta.function.name
+            if delta.function and delta.function.arguments:
+                arguments[delta.index] = arguments.get(delta.index, "") + delta.function.arguments
+        finish = choice.finish_reason or finish
+    assert finish == "tool_calls"
+    assert names == {0: "get_weather"}
+    WeatherArguments.model_validate_json(arguments[0])
+
+
+def test_auto_tools_with_a_text_reply(client: OpenAI, model_name: str) -> None:
+    # The fixture's random weights write text, not calls: it comes back as content.
+    response = client.chat.completions.create(
+        model=model_name,
+        messages=HELLO,
+        tools=WEATHER_TOOLS,
+        tool_choice="auto",
+        max_tokens=8,
+        temperature=0,
+    )
+    message = response.choices[0].message
+    assert message.tool_calls is None and isinstance(message.content, str)

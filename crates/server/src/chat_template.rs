@@ -56,6 +56,9 @@ pub struct TemplateOptions {
     pub reasoning_effort: Option<String>,
     /// `verbosity`, for templates that read it.
     pub verbosity: Option<String>,
+    /// The request's tools, `[{"type": "function", "function": {...}}]`, as the `tools`
+    /// variable; undefined without tools, as transformers leaves it.
+    pub tools: Option<Vec<serde_json::Value>>,
 }
 
 /// A compiled chat template with the model's special tokens.
@@ -104,15 +107,22 @@ impl ChatTemplate {
             .env
             .get_template(TEMPLATE_NAME)
             .map_err(|e| ChatTemplateError::Invalid(describe(&e)))?;
+        let mut context = minijinja::context! {
+            messages => messages,
+            bos_token => &self.bos_token,
+            eos_token => &self.eos_token,
+            add_generation_prompt => true,
+            reasoning_effort => options.reasoning_effort.clone(),
+            verbosity => options.verbosity.clone(),
+        };
+        if let Some(tools) = &options.tools {
+            context = minijinja::context! {
+                tools => Value::from(minijinja::value::Serde(tools)),
+                ..context
+            };
+        }
         template
-            .render(minijinja::context! {
-                messages => messages,
-                bos_token => &self.bos_token,
-                eos_token => &self.eos_token,
-                add_generation_prompt => true,
-                reasoning_effort => options.reasoning_effort.clone(),
-                verbosity => options.verbosity.clone(),
-            })
+            .render(context)
             .map_err(|error| match raised_message(&error) {
                 Some(message) => ChatTemplateError::Raised(message),
                 None => ChatTemplateError::Render(describe(&error)),
@@ -242,6 +252,51 @@ mod tests {
             )
             .unwrap();
         assert_eq!(rendered, "padded");
+    }
+
+    #[test]
+    fn tools_are_the_templates_tools_variable_and_undefined_without_them() {
+        let template = ChatTemplate::new(
+            "{% if tools is defined %}{% for t in tools %}[{{ t.function.name }}:{{ t.function.parameters.properties.city.type }}]{% endfor %}{% else %}none{% endif %}\
+             {% for m in messages %}{% for c in m.tool_calls %}<{{ c.function.name }}({{ c.function.arguments.city }})>{% endfor %}{{ m.tool_call_id }}{% endfor %}",
+            None,
+            None,
+        )
+        .unwrap();
+        let call = serde_json::json!({"id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": {"city": "Paris"}}});
+        let messages = [
+            TemplateMessage {
+                role: "assistant".into(),
+                content: String::new(),
+                name: None,
+                tool_calls: Some(vec![call]),
+                tool_call_id: None,
+            },
+            TemplateMessage {
+                role: "tool".into(),
+                content: "sunny".into(),
+                name: None,
+                tool_calls: None,
+                tool_call_id: Some("call_1".into()),
+            },
+        ];
+        let tools = serde_json::json!([{"type": "function", "function": {"name": "get_weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]);
+        let options = TemplateOptions {
+            tools: Some(tools.as_array().unwrap().clone()),
+            ..TemplateOptions::default()
+        };
+        assert_eq!(
+            template.render(&messages, &options).unwrap(),
+            "[get_weather:string]<get_weather(Paris)>call_1"
+        );
+        assert_eq!(
+            template
+                .render(&messages, &TemplateOptions::default())
+                .unwrap(),
+            "none<get_weather(Paris)>call_1"
+        );
     }
 
     #[test]

@@ -13,3 +13,4 @@ pub mod metrics;
 pub mod pipelines;
 pub mod routes;
 pub mod state;
+pub mod tools;

@@ -1009,3 +1009,165 @@ async fn tokenize_and_detokenize_count_as_the_prompts_do() {
     let (status, _) = post_json("/detokenize", json!({"model": "other", "tokens": [1]})).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 }
+
+fn weather_tools() -> Value {
+    json!([
+        {"type": "function", "function": {"name": "get_weather", "description": "The weather",
+            "parameters": {"type": "object",
+                "properties": {"city": {"type": "string", "maxLength": 8},
+                               "unit": {"enum": ["C", "F"]}},
+                "required": ["city", "unit"], "additionalProperties": false}}},
+        {"type": "function", "function": {"name": "get_time"}}
+    ])
+}
+
+#[tokio::test]
+async fn required_and_named_tool_choices_always_return_calls_that_parse() {
+    let tools = weather_tools();
+    let arguments_schema = tools[0]["function"]["parameters"].clone();
+    for (choice, parallel) in [
+        (
+            json!({"type": "function", "function": {"name": "get_weather"}}),
+            true,
+        ),
+        (json!("required"), false),
+        (json!("required"), true),
+    ] {
+        // Random weights would list parallel calls for ever: a bias on "]" ends the list soon
+        // (the grammar allows it only after a whole call).
+        let close = *state()
+            .tokenizer
+            .encode("]", false)
+            .unwrap()
+            .last()
+            .unwrap();
+        for seed in 0..3 {
+            let (status, body) = post_json(
+                "/v1/chat/completions",
+                json!({"model": MODEL, "messages": [{"role": "user", "content": "weather?"}],
+                       "tools": tools, "tool_choice": choice, "parallel_tool_calls": parallel,
+                       "max_tokens": 300, "temperature": 1.0, "seed": seed,
+                       "logit_bias": {close.to_string(): 8.0}}),
+            )
+            .await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            let choice_body = &body["choices"][0];
+            assert_eq!(choice_body["finish_reason"], "tool_calls", "{body}");
+            let message = &choice_body["message"];
+            assert!(message["content"].is_null(), "{body}");
+            assert!(message.get("refusal").is_some_and(Value::is_null));
+            let calls = message["tool_calls"].as_array().unwrap();
+            assert!(!calls.is_empty());
+            if !parallel {
+                assert_eq!(calls.len(), 1, "{body}");
+            }
+            for call in calls {
+                assert!(call["id"].as_str().unwrap().starts_with("call_"));
+                assert_eq!(call["type"], "function");
+                let name = call["function"]["name"].as_str().unwrap();
+                let arguments = call["function"]["arguments"].as_str().unwrap();
+                match name {
+                    "get_weather" => validate_against(&arguments_schema, arguments),
+                    "get_time" => {
+                        let value: Value = serde_json::from_str(arguments).unwrap();
+                        assert!(value.is_object(), "{arguments}");
+                    }
+                    other => panic!("called {other}"),
+                }
+                if choice.is_object() {
+                    assert_eq!(name, "get_weather");
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn tool_calls_stream_as_deltas_that_add_up_to_the_unstreamed_reply() {
+    let request = json!({"model": MODEL, "messages": [{"role": "user", "content": "weather?"}],
+        "tools": weather_tools(),
+        "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+        "max_tokens": 300, "temperature": 1.0, "seed": 4, "stream": true});
+    let (status, text) = send(app(), post("/v1/chat/completions", request.to_string())).await;
+    assert_eq!(status, StatusCode::OK);
+    let mut calls: Vec<(String, String)> = Vec::new();
+    let mut finish = None;
+    let mut content = String::new();
+    for data in sse_data(&text) {
+        if data == "[DONE]" {
+            continue;
+        }
+        let chunk: Value = serde_json::from_str(&data).unwrap();
+        let choice = &chunk["choices"][0];
+        content.push_str(choice["delta"]["content"].as_str().unwrap_or(""));
+        for delta in choice["delta"]["tool_calls"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            let index = delta["index"].as_u64().unwrap() as usize;
+            if index == calls.len() {
+                assert!(delta["id"].as_str().unwrap().starts_with("call_"));
+                assert_eq!(delta["type"], "function");
+                calls.push((String::new(), String::new()));
+            }
+            calls[index].0 += delta["function"]["name"].as_str().unwrap_or("");
+            calls[index].1 += delta["function"]["arguments"].as_str().unwrap_or("");
+        }
+        if let Some(reason) = choice["finish_reason"].as_str() {
+            finish = Some(reason.to_string());
+        }
+    }
+    assert_eq!(finish.as_deref(), Some("tool_calls"));
+    assert_eq!(content, "");
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0].0, "get_weather");
+    let mut unstreamed = request.clone();
+    unstreamed["stream"] = json!(false);
+    let (_, body) = post_json("/v1/chat/completions", unstreamed).await;
+    let call = &body["choices"][0]["message"]["tool_calls"][0]["function"];
+    assert_eq!(call["arguments"], calls[0].1.as_str());
+}
+
+#[tokio::test]
+async fn auto_tools_with_a_text_reply_return_it_as_content() {
+    // The fixture's random weights do not write calls: the reply is text, returned as content.
+    let (status, body) = post_json(
+        "/v1/chat/completions",
+        json!({"model": MODEL, "tools": weather_tools(), "tool_choice": "auto",
+               "max_tokens": 8, "temperature": 0,
+               "messages": [{"role": "user", "content": "weather?"}]}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let message = &body["choices"][0]["message"];
+    assert!(message["content"].is_string(), "{body}");
+    assert!(message.get("tool_calls").is_none(), "{body}");
+    let (_, plain) = post_json(
+        "/v1/chat/completions",
+        json!({"model": MODEL, "max_tokens": 8, "temperature": 0,
+               "messages": [{"role": "user", "content": "weather?"}]}),
+    )
+    .await;
+    // The fixture's template ignores tools, so the reply is the plain chat's.
+    assert_eq!(
+        message["content"],
+        plain["choices"][0]["message"]["content"]
+    );
+    // Streamed, the same text arrives as content.
+    let request = json!({"model": MODEL, "tools": weather_tools(), "max_tokens": 8,
+        "temperature": 0, "stream": true, "messages": [{"role": "user", "content": "weather?"}]});
+    let (_, text) = send(app(), post("/v1/chat/completions", request.to_string())).await;
+    let streamed: String = sse_data(&text)
+        .iter()
+        .filter(|data| *data != "[DONE]")
+        .map(|data| {
+            let chunk: Value = serde_json::from_str(data).unwrap();
+            chunk["choices"][0]["delta"]["content"]
+                .as_str()
+                .unwrap_or("")
+                .to_string()
+        })
+        .collect();
+    assert_eq!(streamed, message["content"].as_str().unwrap());
+}

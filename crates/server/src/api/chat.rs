@@ -11,6 +11,7 @@ use super::common::{
 };
 use crate::chat_template::{TemplateMessage, TemplateOptions};
 use crate::error::ApiError;
+use crate::tools::{self, Tool, ToolCall, ToolChoiceSpec, ToolPlan};
 
 /// Most alternatives `top_logprobs` may ask for, as in OpenAI's API.
 pub const MAX_TOP_LOGPROBS: i64 = 20;
@@ -39,8 +40,8 @@ pub struct ChatCompletionRequest {
     pub seed: Option<i64>,
     pub logprobs: Option<bool>,
     pub top_logprobs: Option<i64>,
-    pub tools: Option<Value>,
-    pub tool_choice: Option<Value>,
+    pub tools: Option<Vec<Tool>>,
+    pub tool_choice: Option<ToolChoiceSpec>,
     pub parallel_tool_calls: Option<bool>,
     pub functions: Option<Value>,
     pub function_call: Option<Value>,
@@ -138,6 +139,8 @@ pub struct ChatPlan {
     pub params: GenerationParams,
     /// The grammar the reply must match.
     pub structured: Option<StructuredOutput>,
+    /// The tools the reply may or must call.
+    pub tools: Option<ToolPlan>,
     pub stream: bool,
     pub include_usage: bool,
 }
@@ -145,7 +148,8 @@ pub struct ChatPlan {
 impl ChatCompletionRequest {
     /// Checks every field, refusing what this server does not implement.
     pub fn validate(self) -> Result<ChatPlan, ApiError> {
-        const NO_TOOLS: &str = "tool and function calling are not implemented";
+        const NO_FUNCTIONS: &str =
+            "the deprecated functions API is not supported: use tools and tool_choice";
         refuse_if_present(
             "audio",
             &self.audio,
@@ -177,14 +181,9 @@ impl ChatCompletionRequest {
                 format!("only the \"text\" modality is available, got {other:?}"),
             ));
         }
-        refuse_if_present("tools", &self.tools, NO_TOOLS)?;
-        refuse_if_present("functions", &self.functions, NO_TOOLS)?;
-        refuse_if_present("function_call", &self.function_call, NO_TOOLS)?;
-        if !matches!(&self.tool_choice, None | Some(Value::Null))
-            && self.tool_choice != Some(Value::from("none"))
-        {
-            refuse_if_present("tool_choice", &self.tool_choice, NO_TOOLS)?;
-        }
+        refuse_if_present("functions", &self.functions, NO_FUNCTIONS)?;
+        refuse_if_present("function_call", &self.function_call, NO_FUNCTIONS)?;
+        let tools = tools::plan(self.tools, self.tool_choice, self.parallel_tool_calls)?;
         let structured = StructuredFields {
             response_format: self.response_format,
             guided_json: self.guided_json,
@@ -193,6 +192,20 @@ impl ChatCompletionRequest {
             guided_grammar: self.guided_grammar,
         }
         .validate()?;
+        // A required or named call is generated under its own grammar.
+        let structured = match tools.as_ref().and_then(ToolPlan::grammar) {
+            None => structured,
+            Some(_) if structured.is_some() => {
+                return Err(ApiError::invalid(
+                    "tool_choice",
+                    "a required or named tool call and a structured response_format both constrain the reply; give one",
+                ))
+            }
+            Some(grammar) => Some(StructuredOutput {
+                grammar,
+                param: "tools",
+            }),
+        };
         let logprobs = match (self.logprobs.unwrap_or(false), self.top_logprobs) {
             (false, None) => None,
             (false, Some(_)) => {
@@ -231,6 +244,7 @@ impl ChatCompletionRequest {
         let template_options = TemplateOptions {
             reasoning_effort: self.reasoning_effort,
             verbosity: self.verbosity,
+            tools: tools.as_ref().map(ToolPlan::template_tools),
         };
         let stream = self.stream.unwrap_or(false);
         let include_usage = include_usage(stream, &self.stream_options)?;
@@ -258,6 +272,7 @@ impl ChatCompletionRequest {
             template_options,
             params,
             structured,
+            tools,
             stream,
             include_usage,
         })
@@ -441,9 +456,12 @@ pub struct ChatChoice {
 pub struct AssistantMessage {
     /// Always "assistant".
     pub role: &'static str,
-    pub content: String,
+    /// The text; null when the reply is tool calls.
+    pub content: Option<String>,
     /// Always null: the models served here do not refuse by a separate channel.
     pub refusal: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCall>>,
 }
 
 /// One streamed chunk.
@@ -476,6 +494,16 @@ pub struct ChatDelta {
     pub role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallDelta>>,
+}
+
+/// A streamed tool call: here each call comes whole, in one delta.
+#[derive(Debug, Clone, Serialize)]
+pub struct ToolCallDelta {
+    pub index: usize,
+    #[serde(flatten)]
+    pub call: ToolCall,
 }
 
 /// Log-probabilities of a choice's tokens.
@@ -532,17 +560,31 @@ mod tests {
     }
 
     #[test]
-    fn tools_and_functions_are_refused() {
-        for field in [
-            r#""tools": [{"type": "function", "function": {"name": "f"}}]"#,
-            r#""tool_choice": "auto""#,
-            r#""functions": [{"name": "f"}]"#,
-            r#""function_call": "auto""#,
+    fn deprecated_functions_and_a_tool_grammar_beside_response_format_are_refused() {
+        let tool = r#""tools": [{"type": "function", "function": {"name": "f"}}]"#;
+        for (field, param) in [
+            (r#""functions": [{"name": "f"}]"#.to_string(), "functions"),
+            (r#""function_call": "auto""#.to_string(), "function_call"),
+            (r#""tool_choice": "auto""#.to_string(), "tool_choice"),
+            (
+                format!(
+                    r#"{tool}, "tool_choice": "required", "response_format": {{"type": "json_object"}}"#
+                ),
+                "tool_choice",
+            ),
         ] {
             let json = format!(r#"{{"model": "m", {HI}, {field}}}"#);
-            let param = refused_param(&json).unwrap();
-            assert!(field.contains(param), "{field} refused as {param}");
+            if param == "tool_choice" && !field.contains("required") {
+                // `auto` without tools is an ordinary chat, as in OpenAI's API.
+                assert!(parse(&json).unwrap().tools.is_none());
+                continue;
+            }
+            assert_eq!(refused_param(&json), Some(param), "{field}");
         }
+        let json = format!(r#"{{"model": "m", {HI}, {tool}, "tool_choice": "required"}}"#);
+        let plan = parse(&json).unwrap();
+        assert_eq!(plan.structured.unwrap().param, "tools");
+        assert_eq!(plan.template_options.tools.unwrap().len(), 1);
     }
 
     #[test]
