@@ -16,6 +16,7 @@ from openai import AuthenticationError, OpenAI
 from tokenizers import Tokenizer
 
 from support import (
+    FIXTURE_DIR,
     MAX_INPUT_TOKENS,
     REQUEST_TIMEOUT_S,
     Reference,
@@ -414,3 +415,33 @@ def test_server_survives_all_malformed_requests(http: httpx.Client, model_name: 
 
 def test_unknown_route_is_404(http: httpx.Client) -> None:
     assert http.get("/v1/nope").status_code == 404
+
+
+def test_two_models_from_one_config_file(spawn_server: ServerFactory, tmp_path: Any) -> None:
+    """A Mistral generator and a token-classification encoder from [[models]], side by side."""
+    tagger = FIXTURE_DIR.parents[1] / "encoders" / "mobilebert-layernorm" / "token-classification"
+    config = tmp_path / "two.toml"
+    config.write_text(
+        "[limits]\nmax_running = 2\n\n"
+        f'[[models]]\nmodel = "{FIXTURE_DIR}"\nserved_model_name = "writer"\nmax_running = 3\n\n'
+        f'[[models]]\nmodel = "{tagger}"\nserved_model_name = "tagger"\n'
+    )
+    server = spawn_server("--config", str(config), model=None, name="two-models")
+    with httpx.Client(base_url=server.url, timeout=REQUEST_TIMEOUT_S) as http:
+        ids = [model["id"] for model in http.get("/v1/models").json()["data"]]
+        assert ids == ["writer", "tagger"]
+        response = http.post(COMPLETIONS, json=completion_body("writer", [1, 382], max_tokens=4))
+        assert response.status_code == 200, response.text[:500]
+        assert response.json()["model"] == "writer"
+        tagged = http.post(
+            "/v1/token-classify", json={"model": "tagger", "inputs": "Sarah lives in London"}
+        )
+        assert tagged.status_code == 200, tagged.text[:500]
+        assert isinstance(tagged.json(), list)
+        # Each name on the other's route: the model's-task 400.
+        wrong = http.post(CHAT, json={"model": "tagger", "messages": [{"role": "user", "content": "hi"}]})
+        assert_error(wrong, 400)
+        assert wrong.json()["error"]["code"] == "unsupported_task"
+        assert_error(http.post("/v1/token-classify", json={"model": "writer", "inputs": "x"}), 400)
+        assert_error(http.post(COMPLETIONS, json=completion_body("nobody", [1], max_tokens=1)), 404)
+        assert http.get("/ready").status_code == 200

@@ -146,9 +146,12 @@ pub struct PartialSettings {
     pub max_total_tokens: Option<usize>,
     pub max_request_tokens: Option<usize>,
     pub pooling: Option<String>,
+    /// The config file's `[[models]]`: each entry's own settings (the rest fall through to the
+    /// shared ones).
+    pub models: Option<Vec<PartialSettings>>,
 }
 
-/// The config file: the same settings in three tables.
+/// The config file: the same settings in three tables, and optionally several models.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileSettings {
@@ -158,6 +161,51 @@ struct FileSettings {
     model: ModelTable,
     #[serde(default)]
     limits: LimitsTable,
+    /// Several models in one server, each with its own scheduler.
+    #[serde(default)]
+    models: Vec<ModelEntry>,
+}
+
+/// One `[[models]]` entry: a model and its own limits.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ModelEntry {
+    model: String,
+    served_model_name: Option<String>,
+    device: Option<String>,
+    dtype: Option<String>,
+    quantize: Option<String>,
+    quantize_lm_head: Option<bool>,
+    pooling: Option<String>,
+    max_running: Option<usize>,
+    max_waiting: Option<usize>,
+    max_batch_tokens: Option<usize>,
+    prefix_cache_bytes: Option<usize>,
+    max_input_tokens: Option<usize>,
+    max_total_tokens: Option<usize>,
+    max_request_tokens: Option<usize>,
+}
+
+impl ModelEntry {
+    fn into_partial(self) -> PartialSettings {
+        PartialSettings {
+            model: Some(self.model),
+            served_model_name: self.served_model_name,
+            device: self.device,
+            dtype: self.dtype,
+            quantize: self.quantize,
+            quantize_lm_head: self.quantize_lm_head,
+            pooling: self.pooling,
+            max_running: self.max_running,
+            max_waiting: self.max_waiting,
+            max_batch_tokens: self.max_batch_tokens,
+            prefix_cache_bytes: self.prefix_cache_bytes,
+            max_input_tokens: self.max_input_tokens,
+            max_total_tokens: self.max_total_tokens,
+            max_request_tokens: self.max_request_tokens,
+            ..PartialSettings::default()
+        }
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -203,7 +251,20 @@ impl PartialSettings {
             message: e.to_string(),
         })?;
         let (server, model, limits) = (file.server, file.model, file.limits);
+        if model.model.is_some() && !file.models.is_empty() {
+            return Err(ConfigError::Parse {
+                path: path.to_path_buf(),
+                message: "[model] names a model and [[models]] lists models: use one".into(),
+            });
+        }
+        let models = (!file.models.is_empty()).then(|| {
+            file.models
+                .into_iter()
+                .map(ModelEntry::into_partial)
+                .collect()
+        });
         Ok(Self {
+            models,
             host: server.host,
             port: server.port,
             api_key: server.api_key,
@@ -231,6 +292,7 @@ impl PartialSettings {
     pub fn from_env(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let text = |name: &'static str| lookup(name).filter(|value| !value.is_empty());
         Ok(Self {
+            models: None,
             host: text("CANDLEWICK_HOST"),
             port: parse_env("CANDLEWICK_PORT", text("CANDLEWICK_PORT"))?,
             api_key: text("CANDLEWICK_API_KEY"),
@@ -283,6 +345,7 @@ impl PartialSettings {
     pub fn from_args(args: &ServeArgs) -> Self {
         let args = args.clone();
         Self {
+            models: None,
             host: args.host,
             port: args.port,
             api_key: args.api_key,
@@ -329,6 +392,7 @@ impl PartialSettings {
             max_total_tokens: self.max_total_tokens.or(lower.max_total_tokens),
             max_request_tokens: self.max_request_tokens.or(lower.max_request_tokens),
             pooling: self.pooling.or(lower.pooling),
+            models: self.models.or(lower.models),
         }
     }
 }
@@ -380,6 +444,9 @@ pub struct Settings {
     pub max_request_tokens: usize,
     /// Encoders: how embeddings are pooled.
     pub pooling: Pooling,
+    /// The config file's `[[models]]`, each resolved over the shared settings; empty when one
+    /// model is served (these settings' own).
+    pub models: Vec<Settings>,
 }
 
 impl Settings {
@@ -405,7 +472,35 @@ impl Settings {
             }
         };
         let env = PartialSettings::from_env(lookup)?;
-        Self::resolve(PartialSettings::from_args(args).or(env).or(file))
+        let mut shared = PartialSettings::from_args(args).or(env);
+        // `--model` (or CANDLEWICK_MODEL) serves exactly that model, whatever the file lists.
+        let entries = if shared.model.is_some() {
+            None
+        } else {
+            file.models.clone()
+        };
+        shared = shared.or(PartialSettings {
+            models: None,
+            ..file
+        });
+        let mut settings = Self::resolve(shared.clone())?;
+        if let Some(entries) = entries {
+            settings.models = entries
+                .into_iter()
+                .map(|entry| Self::resolve(entry.or(shared.clone())))
+                .collect::<Result<_, _>>()?;
+        }
+        Ok(settings)
+    }
+
+    /// The settings of each model to serve: the `[[models]]` of the config file, each over the
+    /// shared settings, or else the one model of these settings.
+    pub fn served_models(&self) -> Vec<Settings> {
+        if self.models.is_empty() {
+            vec![self.clone()]
+        } else {
+            self.models.clone()
+        }
     }
 
     /// Fills what `partial` leaves unset with the defaults, and checks the limits.
@@ -446,6 +541,7 @@ impl Settings {
                     ))
                 })?,
             },
+            models: Vec::new(),
         };
         for (name, value) in [
             ("max_running", settings.max_running),
@@ -584,6 +680,65 @@ mod tests {
         assert_eq!(settings.host, "0.0.0.0", "file over default");
         assert_eq!(settings.max_waiting, 3);
         assert_eq!(settings.served_model_name.as_deref(), Some("file-name"));
+    }
+
+    #[test]
+    fn models_entries_take_their_own_settings_over_the_shared_ones() {
+        let path = write_config(
+            r#"
+            [limits]
+            max_running = 2
+            max_waiting = 9
+            [[models]]
+            model = "/models/writer"
+            max_running = 5
+            [[models]]
+            model = "/models/tagger"
+            served_model_name = "tagger"
+            pooling = "cls"
+            "#,
+        );
+        let config = path.to_string_lossy().to_string();
+        let settings = Settings::load(
+            &args(&["--config", &config, "--max-waiting", "4"]),
+            env(&[]),
+        )
+        .unwrap();
+        let models = settings.served_models();
+        assert_eq!(models.len(), 2);
+        assert_eq!(models[0].model.as_deref(), Some("/models/writer"));
+        assert_eq!((models[0].max_running, models[0].max_waiting), (5, 4));
+        assert_eq!(models[1].served_model_name.as_deref(), Some("tagger"));
+        assert_eq!(
+            (models[1].max_running, models[1].pooling),
+            (2, Pooling::Cls)
+        );
+        // `--model` serves exactly one, whatever the file lists.
+        let one = Settings::load(&args(&["--config", &config, "--model", "/m"]), env(&[])).unwrap();
+        let served = one.served_models();
+        assert_eq!(served.len(), 1);
+        assert_eq!(served[0].model.as_deref(), Some("/m"));
+        std::fs::remove_file(&path).ok();
+
+        let both = write_config(
+            "[model]
+model = \"/a\"
+[[models]]
+model = \"/b\"
+",
+        );
+        let error = Settings::load(&args(&["--config", &both.to_string_lossy()]), env(&[]));
+        std::fs::remove_file(&both).ok();
+        assert!(matches!(error, Err(ConfigError::Parse { .. })), "{error:?}");
+        let unknown = write_config(
+            "[[models]]
+model = \"/b\"
+max_runing = 3
+",
+        );
+        let error = Settings::load(&args(&["--config", &unknown.to_string_lossy()]), env(&[]));
+        std::fs::remove_file(&unknown).ok();
+        assert!(matches!(error, Err(ConfigError::Parse { .. })), "{error:?}");
     }
 
     #[test]

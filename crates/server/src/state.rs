@@ -145,15 +145,6 @@ impl AppState {
         })
     }
 
-    /// Refuses a request for another model.
-    pub fn check_model(&self, requested: &str) -> Result<(), ApiError> {
-        if requested == self.model_name {
-            Ok(())
-        } else {
-            Err(ApiError::ModelNotFound(requested.to_string()))
-        }
-    }
-
     /// What the served model does, as a pipeline task name.
     pub fn task(&self) -> &'static str {
         match &self.engine {
@@ -232,6 +223,76 @@ impl AppState {
         match self.engine {
             Engine::Generator { mut scheduler, .. } => scheduler.shutdown(),
             Engine::Encoder { mut scheduler, .. } => scheduler.shutdown(),
+        }
+    }
+}
+
+/// Every model one server serves, each with its own scheduler; requests pick one by `model`.
+pub struct Served {
+    models: Vec<Arc<AppState>>,
+}
+
+impl Served {
+    /// The models, in the order `/v1/models` lists them. Names must be distinct.
+    pub fn new(models: Vec<Arc<AppState>>) -> Result<Self, String> {
+        if models.is_empty() {
+            return Err("no model to serve".into());
+        }
+        for (i, model) in models.iter().enumerate() {
+            if models[..i]
+                .iter()
+                .any(|other| other.model_name == model.model_name)
+            {
+                return Err(format!("two models are served as {:?}", model.model_name));
+            }
+        }
+        Ok(Self { models })
+    }
+
+    /// Every served model.
+    pub fn models(&self) -> &[Arc<AppState>] {
+        &self.models
+    }
+
+    /// The model served as `name`; a 404 for a name no model has.
+    pub fn get(&self, name: &str) -> Result<&Arc<AppState>, ApiError> {
+        self.models
+            .iter()
+            .find(|model| model.model_name == name)
+            .ok_or_else(|| ApiError::ModelNotFound(name.to_string()))
+    }
+
+    /// For the task routes, whose `model` is optional: the named model, or else the one model
+    /// that does `task` (or the only model, which then answers that it does another task).
+    pub fn for_task(&self, name: Option<&str>, task: &str) -> Result<&Arc<AppState>, ApiError> {
+        if let Some(name) = name {
+            return self.get(name);
+        }
+        let mut doing = self.models.iter().filter(|model| model.task() == task);
+        match (doing.next(), doing.next()) {
+            (Some(model), None) => Ok(model),
+            _ if self.models.len() == 1 => Ok(&self.models[0]),
+            (None, _) => Err(ApiError::invalid(
+                "model",
+                format!("no served model does {task}; name one of the served models as `model`"),
+            )),
+            (Some(_), Some(_)) => Err(ApiError::invalid(
+                "model",
+                format!("several served models do {task}: name one as `model`"),
+            )),
+        }
+    }
+
+    /// Whether every model's engine thread runs.
+    pub fn is_alive(&self) -> bool {
+        self.models.iter().all(|model| model.is_alive())
+    }
+}
+
+impl From<Arc<AppState>> for Served {
+    fn from(model: Arc<AppState>) -> Self {
+        Self {
+            models: vec![model],
         }
     }
 }

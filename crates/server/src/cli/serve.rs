@@ -14,7 +14,7 @@ use candlewick_scheduler::{EncoderConfig, SchedulerConfig};
 use candlewick_server::config::{ServeArgs, Settings};
 use candlewick_server::pipelines::PipelineTokenizer;
 use candlewick_server::routes;
-use candlewick_server::state::AppState;
+use candlewick_server::state::{AppState, Served};
 
 use crate::ModelArgs;
 
@@ -23,29 +23,14 @@ const METRICS_UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 
 pub fn run(args: ServeArgs) -> Result<()> {
     let settings = Settings::load(&args, |name| std::env::var(name).ok())?;
-    let model = ModelArgs {
-        model: settings.model.clone(),
-        device: settings.device.clone(),
-        dtype: settings.dtype.clone(),
-        quantize: None,
-        quantize_lm_head: true,
-    };
-    let source = model.source()?;
-    let device = model.device()?;
-    let dtype = model.dtype()?;
-    let model_name = settings
-        .served_model_name
-        .clone()
-        .unwrap_or_else(|| source.display_name());
     // Loading is blocking work: it happens before the async runtime exists.
-    let state = if serves_encoder(&source)? {
-        load_encoder_state(&settings, &source, device, dtype, model_name)?
-    } else {
-        load_generator_state(&settings, &source, device, dtype, model_name)?
-    };
-    let state = Arc::new(state);
+    let mut states = Vec::new();
+    for model_settings in settings.served_models() {
+        states.push(Arc::new(load_state(&model_settings)?));
+    }
+    let served = Served::new(states.clone()).map_err(|message| anyhow::anyhow!(message))?;
     let metrics = candlewick_server::metrics::prometheus();
-    let router = routes::router(Arc::clone(&state), &settings.router_options())?;
+    let router = routes::router(served, &settings.router_options())?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -69,12 +54,37 @@ pub fn run(args: ServeArgs) -> Result<()> {
     })?;
     // Every connection is closed: drop what the runtime still holds, then stop the engine.
     runtime.shutdown_timeout(Duration::from_secs(5));
-    match Arc::try_unwrap(state) {
-        Ok(state) => state.shutdown(),
-        Err(_) => tracing::warn!("requests still hold the engine; stopping without waiting"),
+    for state in states {
+        match Arc::try_unwrap(state) {
+            Ok(state) => state.shutdown(),
+            Err(_) => tracing::warn!("requests still hold the engine; stopping without waiting"),
+        }
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Loads one model as its settings say, with its own scheduler.
+fn load_state(settings: &Settings) -> Result<AppState> {
+    let model = ModelArgs {
+        model: settings.model.clone(),
+        device: settings.device.clone(),
+        dtype: settings.dtype.clone(),
+        quantize: None,
+        quantize_lm_head: true,
+    };
+    let source = model.source()?;
+    let device = model.device()?;
+    let dtype = model.dtype()?;
+    let model_name = settings
+        .served_model_name
+        .clone()
+        .unwrap_or_else(|| source.display_name());
+    if serves_encoder(&source)? {
+        load_encoder_state(settings, &source, device, dtype, model_name)
+    } else {
+        load_generator_state(settings, &source, device, dtype, model_name)
+    }
 }
 
 /// Whether the checkpoint is an encoder (or a sequence classifier), served by the task routes,

@@ -18,19 +18,19 @@ use crate::api::chat::{
 use crate::api::common::{finite_logprob, Usage};
 use crate::error::ApiError;
 use crate::generation::{self, blocking, request_id, to_json, token_text, unix_now, ChunkWriter};
-use crate::state::AppState;
+use crate::state::Served;
 use crate::tools::{CallFormat, ToolMode, ToolPlan};
 
 /// Renders the conversation with the model's chat template and generates the assistant's
 /// reply, `n` choices, as JSON or as a stream.
 pub async fn create(
-    State(state): State<Arc<AppState>>,
+    State(served): State<Arc<Served>>,
     JsonBody(request): JsonBody<ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
     let plan = request.validate()?;
-    state.check_model(&plan.model)?;
+    let state = served.get(&plan.model)?;
     let (messages, options) = (plan.messages, plan.template_options);
-    let rendering = Arc::clone(&state);
+    let rendering = Arc::clone(state);
     let structured = plan.structured.clone();
     let (prompt, constraint) = blocking(move || {
         let text = rendering.chat_template()?.render(&messages, &options)?;

@@ -16,20 +16,20 @@ use crate::api::completions::{
 };
 use crate::error::ApiError;
 use crate::generation::{self, blocking, request_id, to_json, token_text, unix_now, ChunkWriter};
-use crate::state::AppState;
+use crate::state::Served;
 
 /// Continues one or more prompts, `n` choices each, as JSON or as a stream.
 pub async fn create(
-    State(state): State<Arc<AppState>>,
+    State(served): State<Arc<Served>>,
     JsonBody(request): JsonBody<CompletionRequest>,
 ) -> Result<Response, ApiError> {
     let plan = request.validate()?;
-    state.check_model(&plan.model)?;
+    let state = served.get(&plan.model)?;
     let scheduler = state.generator()?;
     let echo = plan.echo;
     let prompts = plan.prompts;
     let tokenizer = Arc::clone(&state.tokenizer);
-    let compiling = Arc::clone(&state);
+    let compiling = Arc::clone(state);
     let structured = plan.structured.clone();
     let (ids, echoes, constraint) = blocking(move || {
         let (ids, echoes) = tokenize(&tokenizer, prompts, echo)?;

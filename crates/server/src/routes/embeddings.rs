@@ -15,14 +15,14 @@ use crate::api::embeddings::{
 use crate::error::ApiError;
 use crate::generation::blocking;
 use crate::routes::encoders::run_encoder;
-use crate::state::AppState;
+use crate::state::Served;
 
 /// Embeds each input, pooled as the server was configured.
 pub async fn create(
-    State(state): State<Arc<AppState>>,
+    State(served): State<Arc<Served>>,
     JsonBody(request): JsonBody<EmbeddingRequest>,
 ) -> Result<Json<EmbeddingResponse>, ApiError> {
-    state.check_model(&request.model)?;
+    let state = served.get(&request.model)?;
     let scheduler = state.encoder("feature-extraction")?;
     let plan = request.validate(scheduler.info().hidden_size)?;
     let pooling = state.pooling().unwrap_or_default();

@@ -20,7 +20,7 @@ use crate::pipelines::{
     fill_mask, question_answering, text_classification, token_classification, PipelineTokenizer,
     Prepared,
 };
-use crate::state::AppState;
+use crate::state::Served;
 
 /// A task request: the inputs, the pipeline's parameters, and optionally the model's name.
 #[derive(Debug, Clone, Deserialize)]
@@ -67,7 +67,7 @@ pub async fn run_encoder(
 /// list holding its labels, as the Inference API does, so that clients read every answer as a
 /// list of `[{label, score}]`; a list of inputs is answered as the pipeline answers it.
 pub async fn classify(
-    State(state): State<Arc<AppState>>,
+    State(served): State<Arc<Served>>,
     JsonBody(request): JsonBody<TaskRequest>,
 ) -> Result<Json<Value>, ApiError> {
     let single = !request.inputs.is_array();
@@ -77,7 +77,7 @@ pub async fn classify(
         prepare: text_classification::prepare,
         finish: text_classification::finish,
     };
-    let answer = pipeline.run(&state, request).await?;
+    let answer = pipeline.run(&served, request).await?;
     let mut answer = serde_json::to_value(answer)
         .map_err(|error| ApiError::Internal(format!("serializing the answer: {error}")))?;
     if single {
@@ -92,7 +92,7 @@ pub async fn classify(
 /// `POST /v1/token-classify`: token-classification, with the pipeline's aggregation strategies
 /// and character offsets into each text.
 pub async fn token_classify(
-    State(state): State<Arc<AppState>>,
+    State(served): State<Arc<Served>>,
     JsonBody(request): JsonBody<TaskRequest>,
 ) -> Result<Json<token_classification::Output>, ApiError> {
     let pipeline = Pipeline {
@@ -101,13 +101,13 @@ pub async fn token_classify(
         prepare: token_classification::prepare,
         finish: token_classification::finish,
     };
-    pipeline.run(&state, request).await.map(Json)
+    pipeline.run(&served, request).await.map(Json)
 }
 
 /// `POST /v1/question-answering`: extractive question answering over contexts of any length
 /// (cut into overlapping windows as the pipeline cuts them).
 pub async fn question_answering(
-    State(state): State<Arc<AppState>>,
+    State(served): State<Arc<Served>>,
     JsonBody(request): JsonBody<TaskRequest>,
 ) -> Result<Json<question_answering::Output>, ApiError> {
     let pipeline = Pipeline {
@@ -116,12 +116,12 @@ pub async fn question_answering(
         prepare: question_answering::prepare,
         finish: question_answering::finish,
     };
-    pipeline.run(&state, request).await.map(Json)
+    pipeline.run(&served, request).await.map(Json)
 }
 
 /// `POST /v1/fill-mask`: the best tokens for each mask, or the scores of given targets.
 pub async fn fill_mask(
-    State(state): State<Arc<AppState>>,
+    State(served): State<Arc<Served>>,
     JsonBody(request): JsonBody<TaskRequest>,
 ) -> Result<Json<fill_mask::Output>, ApiError> {
     let pipeline = Pipeline {
@@ -130,7 +130,7 @@ pub async fn fill_mask(
         prepare: fill_mask::prepare,
         finish: fill_mask::finish,
     };
-    pipeline.run(&state, request).await.map(Json)
+    pipeline.run(&served, request).await.map(Json)
 }
 
 /// A pipeline's tokenizing step: the request's inputs into the sequences to run and a plan.
@@ -155,10 +155,8 @@ where
     /// workers: a long context takes a while), run the sequences through the encoder thread in
     /// its dynamic batches, and post-process (off the async workers too: fill-mask reads a
     /// vocabulary per mask, question answering every span of every window).
-    async fn run(self, state: &AppState, request: TaskRequest) -> Result<Output, ApiError> {
-        if let Some(model) = &request.model {
-            state.check_model(model)?;
-        }
+    async fn run(self, served: &Served, request: TaskRequest) -> Result<Output, ApiError> {
+        let state = served.for_task(request.model.as_deref(), self.task)?;
         let (scheduler, tokenizer) = state.pipeline(self.task)?;
         let parameters = (self.parse)(request.parameters.as_ref())?;
         let tokenizer = tokenizer.clone();

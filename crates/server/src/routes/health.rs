@@ -8,16 +8,16 @@ use axum::response::IntoResponse;
 use axum::Json;
 use serde_json::json;
 
-use crate::state::AppState;
+use crate::state::Served;
 
 /// `GET /health`: 200 while the process runs.
 pub async fn health() -> impl IntoResponse {
     Json(json!({"status": "ok"}))
 }
 
-/// `GET /ready`: 200 while the engine thread runs, 503 otherwise.
-pub async fn ready(State(state): State<Arc<AppState>>) -> impl IntoResponse {
-    if state.is_alive() {
+/// `GET /ready`: 200 while every model's engine thread runs, 503 otherwise.
+pub async fn ready(State(served): State<Arc<Served>>) -> impl IntoResponse {
+    if served.is_alive() {
         (StatusCode::OK, Json(json!({"status": "ready"})))
     } else {
         (

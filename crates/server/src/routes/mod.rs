@@ -23,7 +23,7 @@ use tracing::Level;
 use crate::auth::{require_api_key, ApiKey};
 use crate::config::ConfigError;
 use crate::error::ApiError;
-use crate::state::AppState;
+use crate::state::Served;
 
 /// What shapes the router besides the model.
 #[derive(Debug, Clone, PartialEq)]
@@ -42,7 +42,8 @@ struct BodyLimit(usize);
 
 /// Builds the router: `/v1`, `/tokenize` and `/detokenize` (behind the API key when one is
 /// set), `/health`, `/ready` and `/metrics`, with request metrics, logs, the body limit and CORS.
-pub fn router(state: Arc<AppState>, options: &RouterOptions) -> Result<Router, ConfigError> {
+pub fn router(served: impl Into<Served>, options: &RouterOptions) -> Result<Router, ConfigError> {
+    let state = Arc::new(served.into());
     let mut v1 = Router::new()
         .route("/v1/completions", post(completions::create))
         .route("/v1/chat/completions", post(chat::create))

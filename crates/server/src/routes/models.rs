@@ -7,7 +7,7 @@ use axum::Json;
 use serde::Serialize;
 
 use crate::error::ApiError;
-use crate::state::AppState;
+use crate::state::{AppState, Served};
 
 /// `{"object": "list", "data": [...]}`.
 #[derive(Debug, Serialize)]
@@ -26,20 +26,23 @@ pub struct Model {
 }
 
 /// Lists the served model.
-pub async fn list(State(state): State<Arc<AppState>>) -> Json<ModelList> {
+pub async fn list(State(served): State<Arc<Served>>) -> Json<ModelList> {
     Json(ModelList {
         object: "list",
-        data: vec![describe(&state)],
+        data: served
+            .models()
+            .iter()
+            .map(|model| describe(model))
+            .collect(),
     })
 }
 
 /// One model by its name (the openai client's `models.retrieve`); 404 for another name.
 pub async fn retrieve(
-    State(state): State<Arc<AppState>>,
+    State(served): State<Arc<Served>>,
     Path(model): Path<String>,
 ) -> Result<Json<Model>, ApiError> {
-    state.check_model(&model)?;
-    Ok(Json(describe(&state)))
+    Ok(Json(describe(served.get(&model)?)))
 }
 
 fn describe(state: &AppState) -> Model {

@@ -11,7 +11,7 @@ use crate::api::chat::ChatMessage;
 use crate::chat_template::TemplateOptions;
 use crate::error::ApiError;
 use crate::generation::{blocking, token_text};
-use crate::state::{AppState, Engine};
+use crate::state::{Engine, Served};
 
 /// A text, or a conversation rendered with the chat template as a chat request's prompt is.
 #[derive(Debug, Deserialize)]
@@ -50,11 +50,11 @@ pub struct DetokenizeResponse {
 
 /// Token ids of a prompt or a rendered conversation.
 pub async fn tokenize(
-    State(state): State<Arc<AppState>>,
+    State(served): State<Arc<Served>>,
     JsonBody(request): JsonBody<TokenizeRequest>,
 ) -> Result<Json<TokenizeResponse>, ApiError> {
-    state.check_model(&request.model)?;
-    let worker = Arc::clone(&state);
+    let state = served.get(&request.model)?;
+    let worker = Arc::clone(state);
     let tokens = blocking(move || match (request.prompt, request.messages) {
         (Some(prompt), None) => Ok(worker
             .tokenizer
@@ -99,10 +99,10 @@ pub async fn tokenize(
 
 /// The text of token ids, special tokens included, as the tokenizer decodes it.
 pub async fn detokenize(
-    State(state): State<Arc<AppState>>,
+    State(served): State<Arc<Served>>,
     JsonBody(request): JsonBody<DetokenizeRequest>,
 ) -> Result<Json<DetokenizeResponse>, ApiError> {
-    state.check_model(&request.model)?;
+    let state = served.get(&request.model)?;
     let vocab = state.tokenizer.shared().get_vocab_size(true);
     if let Some(bad) = request.tokens.iter().find(|&&t| t as usize >= vocab) {
         return Err(ApiError::invalid(
@@ -110,7 +110,7 @@ pub async fn detokenize(
             format!("token id {bad} is out of range for a vocabulary of {vocab}"),
         ));
     }
-    let worker = Arc::clone(&state);
+    let worker = Arc::clone(state);
     let prompt = blocking(move || Ok(worker.tokenizer.decode(&request.tokens, false)?)).await?;
     Ok(Json(DetokenizeResponse { prompt }))
 }
