@@ -122,7 +122,8 @@ fn load_generator_state(
         max_input_tokens,
         max_total_tokens,
         max_running = settings.max_running,
-        prefix_cache_bytes = settings.prefix_cache_bytes,
+        state_mib = loaded.generator.state().bytes() >> 20,
+        prefix_cache_mib = settings.prefix_cache_bytes >> 20,
         "model loaded"
     );
     let config = SchedulerConfig {

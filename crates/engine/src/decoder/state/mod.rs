@@ -155,6 +155,24 @@ pub struct SequenceState {
 }
 
 impl SequenceState {
+    /// Bytes the state of every slot holds: KV rings and recurrent states.
+    pub fn bytes(&self) -> usize {
+        let size = |tensor: &Tensor| tensor.elem_count() * tensor.dtype().size_in_bytes();
+        self.layers
+            .iter()
+            .map(|layer| {
+                layer
+                    .ring
+                    .as_ref()
+                    .map_or(0, |ring| size(&ring.keys) + size(&ring.values))
+                    + layer
+                        .recurrent
+                        .as_ref()
+                        .map_or(0, |state| size(state.all()))
+            })
+            .sum()
+    }
+
     /// Allocates the state of `slots` sequences of at most `max_context` positions each.
     pub fn new(
         spec: StateSpec,
@@ -419,6 +437,8 @@ mod tests {
         };
         let spec = StateSpec::uniform_attention(1, entries);
         let mut state = SequenceState::new(spec, 2, 100, DType::F32, &Device::Cpu).unwrap();
+        // Two slots of a 4-position window: keys and values of width 2, one head, f32.
+        assert_eq!(state.bytes(), 2 * (2 * 4 * 2 * 4));
         assert_eq!(state.allocate().unwrap(), 0);
         assert_eq!(state.allocate().unwrap(), 1);
         assert!(matches!(
