@@ -43,7 +43,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             ..GeneratorConfig::default()
         },
     };
-    let weight_bytes = decode_weight_bytes(&source, &options)?;
+    let weight_bytes = weight_bytes(&source, &options, true)?;
     let mut loaded = load_generator(&source, &options)?;
     let generator = &mut loaded.generator;
     let vocab = generator.vocab_size() as u64;
@@ -241,9 +241,14 @@ fn threads() -> usize {
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
-/// Bytes of weights one decode step reads: every tensor once, except the input embedding
-/// (a gather of a few rows) when the output head has weights of its own.
-fn decode_weight_bytes(source: &ModelSource, options: &LoadOptions) -> Result<usize> {
+/// Bytes of the model's weights as loaded (`per_step`: false), or of those one decode step reads
+/// (`per_step`: true): every tensor once, except the input embedding (a gather of a few rows)
+/// when the output head has weights of its own.
+pub(crate) fn weight_bytes(
+    source: &ModelSource,
+    options: &LoadOptions,
+    per_step: bool,
+) -> Result<usize> {
     let files = ModelFiles::resolve(source)?;
     let inventory = files.tensor_inventory()?;
     let has_own_head = inventory
@@ -265,7 +270,7 @@ fn decode_weight_bytes(source: &ModelSource, options: &LoadOptions) -> Result<us
     };
     Ok(inventory
         .iter()
-        .filter(|(name, _, _)| !(has_own_head && name.ends_with("embed_tokens.weight")))
+        .filter(|(name, _, _)| !(per_step && has_own_head && name.ends_with("embed_tokens.weight")))
         .map(|(name, shape, _)| {
             quantized_bytes(name, shape).map_or_else(
                 || shape.iter().product::<usize>() * dtype.size_in_bytes(),
@@ -275,8 +280,6 @@ fn decode_weight_bytes(source: &ModelSource, options: &LoadOptions) -> Result<us
         .sum())
 }
 
-/// Read bandwidth of main memory in bytes/s: the best of several parallel passes summing a
-/// buffer far larger than the caches.
 fn memory_read_bandwidth() -> f64 {
     const BYTES: usize = 1 << 30;
     let buffer = vec![1.0f32; BYTES / 4];

@@ -112,6 +112,7 @@ fn load_generator_state(
     };
     let loaded = load_generator(source, &options)
         .with_context(|| format!("loading {}", source.display_name()))?;
+    let weight_mib = super::bench::weight_bytes(source, &options, false).unwrap_or(0) >> 20;
     let max_context = loaded.generator.max_context();
     let (max_input_tokens, max_total_tokens) = settings.token_limits(max_context)?;
     tracing::info!(
@@ -122,6 +123,7 @@ fn load_generator_state(
         max_input_tokens,
         max_total_tokens,
         max_running = settings.max_running,
+        weight_mib,
         state_mib = loaded.generator.state().bytes() >> 20,
         prefix_cache_mib = settings.prefix_cache_bytes >> 20,
         "model loaded"
@@ -151,6 +153,7 @@ fn load_encoder_state(
     };
     let loaded = load_encoder(source, &options)
         .with_context(|| format!("loading {}", source.display_name()))?;
+    let weight_mib = super::bench::weight_bytes(source, &options, false).unwrap_or(0) >> 20;
     let max_positions = loaded.model.max_positions();
     let (max_input_tokens, _) = settings.token_limits(max_positions)?;
     let task = loaded.model.task().name();
@@ -161,6 +164,7 @@ fn load_encoder_state(
         task,
         max_input_tokens,
         max_batch_tokens = settings.max_batch_tokens,
+        weight_mib,
         "model loaded"
     );
     let config = EncoderConfig {
