@@ -285,3 +285,62 @@ fn convert_megatron_bert_writes_a_folder_with_its_wordpiece_tokenizer() {
     assert_eq!(tokenizer_config["do_lower_case"], true);
     std::fs::remove_dir_all(&out).unwrap();
 }
+
+#[test]
+fn generate_follows_a_choice_a_regex_or_a_json_schema() {
+    let fixture =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/mistral/w8-gqa2");
+    let run = |flags: &[&str]| {
+        candlewick()
+            .args([
+                "generate",
+                "--model",
+                fixture.to_str().unwrap(),
+                "--prompt",
+                "Answer:",
+            ])
+            .args(["--max-tokens", "60", "--seed", "5"])
+            .args(flags)
+            .output()
+            .unwrap()
+    };
+    let text = |output: &std::process::Output| {
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let stdout = String::from_utf8(output.stdout.clone()).unwrap();
+        stdout
+            .strip_prefix("Answer:")
+            .unwrap_or_else(|| panic!("{stdout:?}"))
+            .trim_end_matches('\n')
+            .to_string()
+    };
+    let chosen = text(&run(&["--choice", "yes", "--choice", "no way"]));
+    assert!(chosen == "yes" || chosen == "no way", "{chosen:?}");
+    let matched = text(&run(&["--regex", "[0-9]{3}"]));
+    assert!(
+        matched.len() == 3 && matched.bytes().all(|b| b.is_ascii_digit()),
+        "{matched:?}"
+    );
+    let schema =
+        std::env::temp_dir().join(format!("candlewick-cli-schema-{}.json", std::process::id()));
+    std::fs::write(
+        &schema,
+        r#"{"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": false}"#,
+    )
+    .unwrap();
+    let json = text(&run(&["--json-schema", schema.to_str().unwrap()]));
+    std::fs::remove_file(&schema).ok();
+    assert!(
+        json == r#"{"ok": true}"# || json == r#"{"ok": false}"#,
+        "{json:?}"
+    );
+    // One constraint at a time; an invalid one is a clear error.
+    let both = run(&["--regex", "a", "--choice", "b"]);
+    assert!(!both.status.success());
+    let bad = run(&["--regex", "(open"]);
+    assert!(!bad.status.success());
+    assert!(!String::from_utf8_lossy(&bad.stderr).contains("panicked"));
+}

@@ -4,7 +4,8 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::time::Instant;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
+use candlewick_engine::grammar::{Grammar, GrammarCompiler};
 use candlewick_engine::sampling::SamplingParams;
 use candlewick_engine::{load_generator, GeneratorConfig, LoadOptions};
 use candlewick_scheduler::{run_batch, GenerationRequest, StopConditions};
@@ -52,6 +53,38 @@ pub struct GenerateArgs {
     /// Print each token's log-probability and this many alternatives after the text.
     #[arg(long)]
     pub logprobs: Option<usize>,
+    /// Constrain the output to JSON valid against the JSON schema in this file.
+    #[arg(long, value_name = "FILE", group = "constraint")]
+    pub json_schema: Option<std::path::PathBuf>,
+    /// Constrain the output to match this regular expression (whole).
+    #[arg(long, value_name = "REGEX", group = "constraint")]
+    pub regex: Option<String>,
+    /// Constrain the output to one of these texts, repeatable.
+    #[arg(long, value_name = "TEXT", group = "constraint")]
+    pub choice: Vec<String>,
+    /// Constrain the output to the Lark grammar in this file (llguidance's dialect).
+    #[arg(long, value_name = "FILE", group = "constraint")]
+    pub grammar: Option<std::path::PathBuf>,
+}
+
+/// The grammar the flags ask for, if any.
+fn grammar(args: &GenerateArgs) -> Result<Option<Grammar>> {
+    let read = |path: &std::path::Path| {
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+    };
+    Ok(if let Some(path) = &args.json_schema {
+        let schema = serde_json::from_str(&read(path)?)
+            .with_context(|| format!("{} is not JSON", path.display()))?;
+        Some(Grammar::JsonSchema(schema))
+    } else if let Some(regex) = &args.regex {
+        Some(Grammar::Regex(regex.clone()))
+    } else if !args.choice.is_empty() {
+        Some(Grammar::Choice(args.choice.clone()))
+    } else if let Some(path) = &args.grammar {
+        Some(Grammar::Lark(read(path)?))
+    } else {
+        None
+    })
 }
 
 fn parse_bias(spec: &str) -> Result<(u32, f32), String> {
@@ -85,6 +118,13 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     };
     let mut loaded = load_generator(&source, &options)?;
     let prompt = loaded.tokenizer.encode(&args.prompt, true)?;
+    let constraint = match grammar(&args)? {
+        None => None,
+        Some(grammar) => {
+            let compiler = GrammarCompiler::new(&loaded.tokenizer, loaded.generator.vocab_size())?;
+            Some(compiler.compile(&grammar)?)
+        }
+    };
     let request = GenerationRequest {
         prompt: prompt.clone(),
         sampling: SamplingParams {
@@ -105,7 +145,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             ignore_eos: args.ignore_eos,
             stop_strings: Vec::new(),
         },
-        constraint: None,
+        constraint,
     };
 
     let start = Instant::now();
