@@ -8,6 +8,7 @@ use axum::response::{IntoResponse, Response};
 use candlewick_engine::sampling::SamplingError;
 use candlewick_engine::EngineError;
 use candlewick_scheduler::SchedulerError;
+use schemars::JsonSchema;
 use serde::Serialize;
 
 use crate::chat_template::ChatTemplateError;
@@ -234,14 +235,14 @@ fn fault_status(request_fault: bool) -> StatusCode {
 }
 
 /// `{"error": {...}}`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, JsonSchema)]
 pub struct ErrorEnvelope {
     /// The error.
     pub error: ErrorBody,
 }
 
 /// The fields of OpenAI's error object.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, JsonSchema)]
 pub struct ErrorBody {
     /// What went wrong, for a person.
     pub message: String,

@@ -8,6 +8,7 @@
 //! or Hermes-style `<tool_call>{"name", "arguments"}</tool_call>`.
 
 use candlewick_engine::grammar::Grammar;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
@@ -15,7 +16,7 @@ use crate::error::ApiError;
 use crate::generation::request_id;
 
 /// `{"type": "function", "function": {...}}`.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Tool {
     #[serde(rename = "type")]
@@ -24,7 +25,7 @@ pub struct Tool {
 }
 
 /// A function the model may call.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FunctionDefinition {
     pub name: String,
@@ -40,7 +41,7 @@ pub struct FunctionDefinition {
 
 /// `tool_choice`: `"none"`, `"auto"`, `"required"`, or `{"type": "function", "function":
 /// {"name"}}`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(
     untagged,
     expecting = "\"none\", \"auto\", \"required\" or {\"type\": \"function\", \"function\": {\"name\": ...}}"
@@ -50,7 +51,7 @@ pub enum ToolChoiceSpec {
     Named(NamedToolChoice),
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NamedToolChoice {
     #[serde(rename = "type")]
@@ -58,7 +59,7 @@ pub struct NamedToolChoice {
     pub function: NamedFunction,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NamedFunction {
     pub name: String,
@@ -84,7 +85,7 @@ pub struct ToolPlan {
 }
 
 /// A call read from the reply, as OpenAI returns it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
 pub struct ToolCall {
     pub id: String,
     #[serde(rename = "type")]
@@ -93,7 +94,7 @@ pub struct ToolCall {
 }
 
 /// The called function, with its arguments as JSON text.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
 pub struct FunctionCall {
     pub name: String,
     pub arguments: String,

@@ -1171,3 +1171,138 @@ async fn auto_tools_with_a_text_reply_return_it_as_content() {
         .collect();
     assert_eq!(streamed, message["content"].as_str().unwrap());
 }
+
+/// Validates `value` against the schema at `pointer` of the server's own /openapi.json.
+struct OpenApi {
+    schemas: boon::Schemas,
+    compiler: boon::Compiler,
+}
+
+impl OpenApi {
+    async fn fetch() -> Self {
+        let (status, text) = send(
+            app(),
+            Request::get("/openapi.json").body(Body::empty()).unwrap(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        let document: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(document["openapi"], "3.1.0");
+        let mut compiler = boon::Compiler::new();
+        compiler.set_default_draft(boon::Draft::V2020_12);
+        compiler.add_resource("openapi.json", document).unwrap();
+        Self {
+            schemas: boon::Schemas::new(),
+            compiler,
+        }
+    }
+
+    fn check(&mut self, pointer: &str, value: &Value) {
+        let location = format!("openapi.json#{pointer}");
+        let index = self
+            .compiler
+            .compile(&location, &mut self.schemas)
+            .unwrap_or_else(|e| panic!("{pointer}: {e}"));
+        if let Err(error) = self.schemas.validate(value, index) {
+            panic!("{value} breaks {pointer}: {error}");
+        }
+    }
+}
+
+/// `path` as one JSON-pointer segment.
+fn segment(path: &str) -> String {
+    path.replace('~', "~0").replace('/', "~1")
+}
+
+fn body_pointer(path: &str) -> String {
+    format!(
+        "/paths/{}/post/requestBody/content/application~1json/schema",
+        segment(path)
+    )
+}
+
+fn ok_pointer(method: &str, path: &str) -> String {
+    format!(
+        "/paths/{}/{method}/responses/200/content/application~1json/schema",
+        segment(path)
+    )
+}
+
+#[tokio::test]
+async fn requests_and_responses_match_the_servers_own_openapi_description() {
+    let mut openapi = OpenApi::fetch().await;
+    let posts = [
+        (
+            "/v1/chat/completions",
+            json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                   "max_tokens": 4, "logprobs": true, "top_logprobs": 2, "seed": 1}),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": MODEL, "messages": [{"role": "user", "content": "weather?"}],
+                   "tools": weather_tools(), "tool_choice": "required", "max_tokens": 200,
+                   "temperature": 0}),
+        ),
+        (
+            "/v1/completions",
+            json!({"model": MODEL, "prompt": ["a", "b"], "max_tokens": 3, "logprobs": 2,
+                   "guided_regex": "[ab]{3}"}),
+        ),
+        (
+            "/tokenize",
+            json!({"model": MODEL, "prompt": "hi", "return_token_strs": true}),
+        ),
+        ("/detokenize", json!({"model": MODEL, "tokens": [1, 2, 3]})),
+    ];
+    for (path, request) in posts {
+        openapi.check(&body_pointer(path), &request);
+        let (status, body) = post_json(path, request).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        openapi.check(&ok_pointer("post", path), &body);
+    }
+    // Streamed chunks, each `data:` one chunk as the stream's schema says.
+    let request = json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 4, "stream": true, "stream_options": {"include_usage": true}});
+    let (_, text) = send(app(), post("/v1/chat/completions", request.to_string())).await;
+    let chunk_pointer = "/paths/~1v1~1chat~1completions/post/responses/200/content/text~1event-stream/schema/x-chunk";
+    for data in sse_data(&text).iter().filter(|data| *data != "[DONE]") {
+        openapi.check(chunk_pointer, &serde_json::from_str(data).unwrap());
+    }
+    for (path, pointer) in [
+        ("/v1/models", ok_pointer("get", "/v1/models")),
+        (
+            &*format!("/v1/models/{MODEL}"),
+            ok_pointer("get", "/v1/models/{model}"),
+        ),
+    ] {
+        let (status, text) = send(app(), Request::get(path).body(Body::empty()).unwrap()).await;
+        assert_eq!(status, StatusCode::OK);
+        openapi.check(&pointer, &serde_json::from_str(&text).unwrap());
+    }
+    // The description is strict where OpenAI's is: a chat message without `refusal` breaks it.
+    let index = openapi
+        .compiler
+        .compile(
+            "openapi.json#/components/schemas/AssistantMessage",
+            &mut openapi.schemas,
+        )
+        .unwrap();
+    assert!(openapi
+        .schemas
+        .validate(
+            &json!({"role": "assistant", "content": "x", "refusal": null}),
+            index
+        )
+        .is_ok());
+    assert!(openapi
+        .schemas
+        .validate(&json!({"role": "assistant", "content": "x"}), index)
+        .is_err());
+    // Errors are the envelope the description names.
+    let (status, body) = post_json("/v1/completions", json!({"model": MODEL, "prompt": []})).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    openapi.check(
+        "/paths/~1v1~1completions/post/responses/400/content/application~1json/schema",
+        &body,
+    );
+}

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -21,7 +22,7 @@ pub const MAX_TOP_LOGPROBS: i64 = 20;
 /// those whose absence would change it and that this server does not implement (audio,
 /// predicted outputs, web search, moderation) are refused with a message naming the field.
 /// Fields outside OpenAI's schema are refused unless they are one of the documented extensions.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ChatCompletionRequest {
     pub model: String,
@@ -82,7 +83,7 @@ pub struct ChatCompletionRequest {
 }
 
 /// One message of the conversation: `developer`, `system`, `user`, `assistant` or `tool`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ChatMessage {
     pub role: String,
@@ -102,7 +103,7 @@ pub struct ChatMessage {
 }
 
 /// A tool call in an assistant message of the history.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RequestToolCall {
     pub id: String,
@@ -112,7 +113,7 @@ pub struct RequestToolCall {
 }
 
 /// The function a history tool call named, with its arguments as JSON text.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RequestFunctionCall {
     pub name: String,
@@ -120,7 +121,7 @@ pub struct RequestFunctionCall {
 }
 
 /// A message's content: text, or a list of `{"type": "text", "text": ...}` parts.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(
     untagged,
     expecting = "a string or a list of {\"type\": \"text\", \"text\": ...} parts"
@@ -431,7 +432,7 @@ fn text_of_part(part: &Map<String, Value>, assistant: bool) -> Result<&str, ApiE
 }
 
 /// The response.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, JsonSchema)]
 pub struct ChatCompletionResponse {
     pub id: String,
     /// Always "chat.completion".
@@ -443,7 +444,7 @@ pub struct ChatCompletionResponse {
 }
 
 /// One choice of the response.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, JsonSchema)]
 pub struct ChatChoice {
     pub index: usize,
     pub message: AssistantMessage,
@@ -452,7 +453,7 @@ pub struct ChatChoice {
 }
 
 /// The generated message.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, JsonSchema)]
 pub struct AssistantMessage {
     /// Always "assistant".
     pub role: &'static str,
@@ -465,7 +466,7 @@ pub struct AssistantMessage {
 }
 
 /// One streamed chunk.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, JsonSchema)]
 pub struct ChatCompletionChunk {
     pub id: String,
     /// Always "chat.completion.chunk".
@@ -479,7 +480,7 @@ pub struct ChatCompletionChunk {
 }
 
 /// One choice's delta in a chunk.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, JsonSchema)]
 pub struct ChatChunkChoice {
     pub index: usize,
     pub delta: ChatDelta,
@@ -488,7 +489,7 @@ pub struct ChatChunkChoice {
 }
 
 /// What a chunk adds to a choice's message; empty (`{}`) in the chunk with the finish reason.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, JsonSchema)]
 pub struct ChatDelta {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub role: Option<&'static str>,
@@ -499,7 +500,7 @@ pub struct ChatDelta {
 }
 
 /// A streamed tool call: here each call comes whole, in one delta.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, JsonSchema)]
 pub struct ToolCallDelta {
     pub index: usize,
     #[serde(flatten)]
@@ -507,13 +508,13 @@ pub struct ToolCallDelta {
 }
 
 /// Log-probabilities of a choice's tokens.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, JsonSchema)]
 pub struct ChatLogprobs {
     pub content: Vec<ChatTokenLogprob>,
 }
 
 /// One generated token with its most probable alternatives.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, JsonSchema)]
 pub struct ChatTokenLogprob {
     pub token: String,
     pub logprob: f32,
@@ -522,7 +523,7 @@ pub struct ChatTokenLogprob {
 }
 
 /// One alternative.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, JsonSchema)]
 pub struct ChatTopLogprob {
     pub token: String,
     pub logprob: f32,

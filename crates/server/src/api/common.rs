@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use candlewick_engine::grammar::Grammar;
 use candlewick_engine::sampling::SamplingParams;
+use schemars::JsonSchema;
 use serde::ser::SerializeMap;
 use serde::{Deserialize, Serialize, Serializer};
 use serde_json::{Map, Value};
@@ -22,7 +23,7 @@ pub const MAX_TEMPERATURE: f32 = 2.0;
 pub const MASKED_LOGPROB: f32 = -9999.0;
 
 /// `stop`: one string or a list of them.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, JsonSchema)]
 #[serde(untagged, expecting = "a string or a list of strings")]
 pub enum StopSpec {
     /// `"stop": "\n"`
@@ -32,7 +33,7 @@ pub enum StopSpec {
 }
 
 /// `stream_options`.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StreamOptions {
     /// Send a last chunk with the usage of the whole request (and `"usage": null` in the
@@ -47,7 +48,7 @@ pub struct StreamOptions {
 
 /// Token counts of a request. `prompt_tokens` counts each prompt once, however many choices it
 /// has; `completion_tokens` adds up the tokens of every choice.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, JsonSchema)]
 pub struct Usage {
     /// Tokens of the prompts.
     pub prompt_tokens: usize,
@@ -251,6 +252,19 @@ impl TopLogprobs {
     }
 }
 
+impl JsonSchema for TopLogprobs {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "TopLogprobs".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "object",
+            "additionalProperties": {"type": "number"}
+        })
+    }
+}
+
 impl Serialize for TopLogprobs {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         let mut map = serializer.serialize_map(Some(self.0.len()))?;
@@ -401,7 +415,7 @@ mod tests {
 }
 
 /// `response_format`: OpenAI's structured outputs.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ResponseFormat {
     /// Free text: no constraint.
@@ -413,7 +427,7 @@ pub enum ResponseFormat {
 }
 
 /// `response_format.json_schema`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JsonSchemaFormat {
     pub name: String,

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -18,7 +19,7 @@ pub const DEFAULT_MAX_TOKENS: i64 = 16;
 
 /// The request body. Unknown fields are refused, and so are known ones this server does not
 /// implement, rather than silently ignored.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CompletionRequest {
     pub model: String,
@@ -53,7 +54,7 @@ pub struct CompletionRequest {
 }
 
 /// `prompt`: text or token ids, one prompt or a list of them.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, JsonSchema)]
 #[serde(
     untagged,
     expecting = "a string, a list of strings, a list of token ids or a list of lists of token ids"
@@ -179,7 +180,7 @@ impl CompletionRequest {
 }
 
 /// The response, and with one choice each, a streamed chunk.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, JsonSchema)]
 pub struct CompletionResponse {
     pub id: String,
     /// Always "text_completion", streamed or not, as OpenAI sends it.
@@ -193,7 +194,7 @@ pub struct CompletionResponse {
 }
 
 /// One choice, or in a chunk, one choice's delta.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, JsonSchema)]
 pub struct CompletionChoice {
     pub text: String,
     pub index: usize,
@@ -202,7 +203,7 @@ pub struct CompletionChoice {
 }
 
 /// The legacy log-probability lists, one entry per generated token.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, JsonSchema)]
 pub struct CompletionLogprobs {
     pub tokens: Vec<String>,
     pub token_logprobs: Vec<f32>,

@@ -1,5 +1,6 @@
 //! OpenAI's embeddings request and response.
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::completions::{Prompt, PromptInput};
@@ -9,7 +10,7 @@ use crate::error::ApiError;
 pub const MAX_INPUTS: usize = 2048;
 
 /// `POST /v1/embeddings`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EmbeddingRequest {
     /// The served model's name.
@@ -100,7 +101,7 @@ impl EmbeddingRequest {
 }
 
 /// One vector, as floats or base64.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
 #[serde(untagged)]
 pub enum EmbeddingVector {
     Float(Vec<f32>),
@@ -108,7 +109,7 @@ pub enum EmbeddingVector {
 }
 
 /// One input's embedding.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
 pub struct Embedding {
     pub object: &'static str,
     pub index: usize,
@@ -116,14 +117,14 @@ pub struct Embedding {
 }
 
 /// Token counts of an embeddings request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, JsonSchema)]
 pub struct EmbeddingUsage {
     pub prompt_tokens: usize,
     pub total_tokens: usize,
 }
 
 /// `{"object": "list", "data": [...], "model", "usage"}`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
 pub struct EmbeddingResponse {
     pub object: &'static str,
     pub data: Vec<Embedding>,

@@ -6,6 +6,7 @@
 
 use candlewick_engine::{EncoderOutput, Requested};
 use candlewick_scheduler::EncoderInfo;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokenizers::TruncationParams;
@@ -18,8 +19,9 @@ use super::{
 use crate::error::ApiError;
 
 /// The pipeline's call parameters.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "FillMaskParameters")]
 pub struct Parameters {
     /// How many proposals per mask (default 5); capped by the number of targets.
     pub top_k: Option<i64>,
@@ -32,7 +34,7 @@ pub struct Parameters {
 }
 
 /// The tokenizer arguments fill-mask passes on.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TokenizerKwargs {
     /// As text-classification's `truncation`.
@@ -66,7 +68,7 @@ pub struct Plan {
 }
 
 /// One proposal for a mask.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
 pub struct Proposal {
     /// Its probability.
     pub score: f64,
@@ -80,8 +82,9 @@ pub struct Proposal {
 }
 
 /// The pipeline's answer.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
 #[serde(untagged)]
+#[schemars(rename = "FillMaskOutput")]
 pub enum Output {
     /// The proposals for a text's only mask.
     Proposals(Vec<Proposal>),

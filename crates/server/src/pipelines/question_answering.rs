@@ -9,6 +9,7 @@
 
 use candlewick_engine::EncoderOutput;
 use candlewick_scheduler::EncoderInfo;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokenizers::{Encoding, TruncationParams, TruncationStrategy};
@@ -20,8 +21,9 @@ use super::{
 use crate::error::ApiError;
 
 /// The pipeline's call parameters.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "QuestionAnsweringParameters")]
 pub struct Parameters {
     /// How many answers to return, best first (default 1); at least 1.
     pub top_k: Option<i64>,
@@ -86,7 +88,7 @@ pub struct Plan {
 }
 
 /// One answer.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
 pub struct Answer {
     /// `p_start * p_end` of the span (or the empty answer's score).
     pub score: f64,
@@ -99,8 +101,9 @@ pub struct Answer {
 }
 
 /// The pipeline's answer.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
 #[serde(untagged)]
+#[schemars(rename = "QuestionAnsweringOutput")]
 pub enum Output {
     /// A question's only answer.
     One(Answer),

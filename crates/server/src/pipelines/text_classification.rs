@@ -11,6 +11,7 @@
 use candlewick_engine::encoder::labels::{Labels, ScoreFunction};
 use candlewick_engine::EncoderOutput;
 use candlewick_scheduler::EncoderInfo;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokenizers::{TruncationParams, TruncationStrategy};
@@ -22,8 +23,9 @@ use super::{
 use crate::error::ApiError;
 
 /// The pipeline's call parameters.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "TextClassificationParameters")]
 pub struct Parameters {
     /// How many labels to return per input, best first; null for all of them. Absent selects the
     /// legacy answer (the best label alone).
@@ -80,7 +82,7 @@ pub struct Plan {
 }
 
 /// A label and its score.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
 pub struct LabelScore {
     /// The label's name (`id2label`).
     pub label: String,
@@ -89,8 +91,9 @@ pub struct LabelScore {
 }
 
 /// The pipeline's answer.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
 #[serde(untagged)]
+#[schemars(rename = "TextClassificationOutput")]
 pub enum Output {
     /// The best label of one input (legacy mode).
     Best(LabelScore),

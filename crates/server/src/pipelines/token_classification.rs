@@ -8,6 +8,7 @@
 use candlewick_engine::encoder::labels::Labels;
 use candlewick_engine::EncoderOutput;
 use candlewick_scheduler::EncoderInfo;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokenizers::{TruncationParams, TruncationStrategy};
@@ -19,8 +20,9 @@ use super::{
 use crate::error::ApiError;
 
 /// The pipeline's call parameters.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "TokenClassificationParameters")]
 pub struct Parameters {
     /// `none` (default: one answer per token), `simple`, `first`, `average` or `max` (any case).
     pub aggregation_strategy: Option<String>,
@@ -102,7 +104,7 @@ pub struct Plan {
 }
 
 /// One entity of the answer.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
 #[serde(untagged)]
 pub enum Entity {
     /// A token (aggregation `none`).
@@ -163,8 +165,9 @@ impl Entity {
 }
 
 /// The pipeline's answer.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
 #[serde(untagged)]
+#[schemars(rename = "TokenClassificationOutput")]
 pub enum Output {
     /// The entities of a single text.
     Entities(Vec<Entity>),

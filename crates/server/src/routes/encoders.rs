@@ -10,6 +10,7 @@ use axum::Json;
 use candlewick_engine::encoder::EncoderInput;
 use candlewick_engine::EncoderOutput;
 use candlewick_scheduler::{EncoderInfo, EncoderScheduler, SchedulerError};
+use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -23,7 +24,7 @@ use crate::pipelines::{
 use crate::state::Served;
 
 /// A task request: the inputs, the pipeline's parameters, and optionally the model's name.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TaskRequest {
     /// The pipeline's inputs (a text, a list of texts, a question and context, ...).

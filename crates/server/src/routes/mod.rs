@@ -6,6 +6,7 @@ pub mod embeddings;
 pub mod encoders;
 pub mod health;
 pub mod models;
+pub mod openapi;
 pub mod tokenize;
 
 use std::sync::Arc;
@@ -66,6 +67,7 @@ pub fn router(served: impl Into<Served>, options: &RouterOptions) -> Result<Rout
         .route("/health", get(health::health))
         .route("/ready", get(health::ready))
         .route("/metrics", get(health::metrics))
+        .route("/openapi.json", get(openapi::document))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .route_layer(middleware::from_fn(crate::metrics::track_requests))

@@ -4,20 +4,21 @@ use std::sync::Arc;
 
 use axum::extract::{Path, State};
 use axum::Json;
+use schemars::JsonSchema;
 use serde::Serialize;
 
 use crate::error::ApiError;
 use crate::state::{AppState, Served};
 
 /// `{"object": "list", "data": [...]}`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, JsonSchema)]
 pub struct ModelList {
     pub object: &'static str,
     pub data: Vec<Model>,
 }
 
 /// One served model.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, JsonSchema)]
 pub struct Model {
     pub id: String,
     pub object: &'static str,

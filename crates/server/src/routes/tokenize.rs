@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use axum::extract::State;
 use axum::Json;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::JsonBody;
@@ -14,7 +15,7 @@ use crate::generation::{blocking, token_text};
 use crate::state::{Engine, Served};
 
 /// A text, or a conversation rendered with the chat template as a chat request's prompt is.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TokenizeRequest {
     pub model: String,
@@ -27,7 +28,7 @@ pub struct TokenizeRequest {
     pub return_token_strs: Option<bool>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, JsonSchema)]
 pub struct TokenizeResponse {
     pub count: usize,
     /// The most tokens a request may hold, prompt and output together.
@@ -36,14 +37,14 @@ pub struct TokenizeResponse {
     pub token_strs: Option<Vec<String>>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DetokenizeRequest {
     pub model: String,
     pub tokens: Vec<u32>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, JsonSchema)]
 pub struct DetokenizeResponse {
     pub prompt: String,
 }
