@@ -10,11 +10,14 @@ ids.
 
 from __future__ import annotations
 
+import json
 import math
 import re
+import shutil
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
+import httpx
 import openai
 import pytest
 from openai import OpenAI
@@ -22,7 +25,7 @@ from openai.types.chat import ChatCompletionMessageParam
 from pydantic import BaseModel, ConfigDict, Field
 from tokenizers import Tokenizer
 
-from support import BOS_ID, GreedyCase, expected_text, load_reference
+from support import BOS_ID, FIXTURE_DIR, GreedyCase, expected_text, load_reference
 
 CASES = load_reference().cases
 CASE_IDS = [f"prompt{case.index}" for case in CASES]
@@ -696,3 +699,68 @@ def test_auto_tools_with_a_text_reply(client: OpenAI, model_name: str) -> None:
     )
     message = response.choices[0].message
     assert message.tool_calls is None and isinstance(message.content, str)
+
+
+HERMES_STYLE_TEMPLATE = (
+    "{{ bos_token }}{% if tools %}<tools>{% for t in tools %}{{ t.function.name }};{% endfor %}"
+    "</tools>{% endif %}{% for m in messages %}{% if m.role == 'user' %}[INST] {{ m.content }} "
+    "[/INST]{% elif m.role == 'assistant' %}{% if m.tool_calls %}{% for c in m.tool_calls %}"
+    '<tool_call>{"name": "{{ c.function.name }}", "arguments": {{ c.function.arguments | tojson }}}'
+    "</tool_call>{% endfor %}{% else %}{{ m.content }}{% endif %}{{ eos_token }}"
+    "{% elif m.role == 'tool' %}<tool_response>{{ m.tool_call_id }}={{ m.content }}"
+    "</tool_response>{% endif %}{% endfor %}"
+)
+
+
+def test_a_conversation_with_tool_messages(spawn_server: Any, tmp_path: Any) -> None:
+    """The fixture with a tool-aware (Hermes-style) chat template: the history's tool call and
+    tool answer reach the template, and the next call comes back as tool_calls."""
+    model = tmp_path / "w8-gqa2-tools"
+    shutil.copytree(FIXTURE_DIR, model)
+    config_path = model / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["chat_template"] = HERMES_STYLE_TEMPLATE
+    config_path.write_text(json.dumps(config))
+    server = spawn_server(model=model, name="tools-template")
+    client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60)
+    messages: Any = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "C"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+        {"role": "user", "content": "And Rome?"},
+    ]
+    # The rendered prompt holds the tools, the earlier call and its answer.
+    rendered = httpx.post(
+        f"{server.url}/tokenize",
+        json={"model": model.name, "messages": messages},
+        timeout=60,
+    ).json()
+    text = httpx.post(
+        f"{server.url}/detokenize",
+        json={"model": model.name, "tokens": rendered["tokens"]},
+        timeout=60,
+    ).json()["prompt"]
+    assert '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris", "unit": "C"}}' in text, text
+    assert "<tool_response>call_1=sunny</tool_response>" in text, text
+    response = client.chat.completions.create(
+        model=model.name,
+        messages=messages,
+        tools=WEATHER_TOOLS,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        max_tokens=200,
+        temperature=1.0,
+        seed=9,
+    )
+    (call,) = response.choices[0].message.tool_calls or []
+    assert call.function.name == "get_weather"
+    WeatherArguments.model_validate_json(call.function.arguments)

@@ -445,3 +445,32 @@ def test_two_models_from_one_config_file(spawn_server: ServerFactory, tmp_path: 
         assert_error(http.post("/v1/token-classify", json={"model": "writer", "inputs": "x"}), 400)
         assert_error(http.post(COMPLETIONS, json=completion_body("nobody", [1], max_tokens=1)), 404)
         assert http.get("/ready").status_code == 200
+
+
+def test_schemathesis_against_our_own_openapi_description(spawn_server: ServerFactory) -> None:
+    """A bounded, seeded schemathesis run on the bundled model: no 5xx, and every response
+    conforms to /openapi.json."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    server = spawn_server(model=None, name="schemathesis")
+    schemathesis = Path(sys.executable).with_name("schemathesis")
+    result = subprocess.run(
+        [
+            str(schemathesis),
+            "run",
+            f"{server.url}/openapi.json",
+            "--checks",
+            "not_a_server_error,response_schema_conformance",
+            "--max-examples",
+            "10",
+            "--seed",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert "generated" in result.stdout and " 0 passed" not in result.stdout, result.stdout[-2000:]

@@ -1,8 +1,10 @@
 //! `GET /openapi.json`: an OpenAPI 3.1 description of every route, its schemas generated from the
-//! same Rust types the handlers read and write (schemars follows their serde attributes).
+//! same Rust types the handlers read and write (schemars follows their serde attributes), with the
+//! served models' names as the values of `model`.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
+use axum::extract::State;
 use axum::Json;
 use schemars::generate::SchemaSettings;
 use schemars::{JsonSchema, SchemaGenerator};
@@ -18,11 +20,38 @@ use crate::routes::models::{Model, ModelList};
 use crate::routes::tokenize::{
     DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse,
 };
+use crate::state::Served;
 
-/// The document, built once.
-pub async fn document() -> Json<Value> {
+/// The document of this server: `model` in each request lists the served models' names.
+pub async fn document(State(served): State<Arc<Served>>) -> Json<Value> {
     static DOCUMENT: OnceLock<Value> = OnceLock::new();
-    Json(DOCUMENT.get_or_init(build).clone())
+    let mut document = DOCUMENT.get_or_init(build).clone();
+    let names: Vec<Value> = served
+        .models()
+        .iter()
+        .map(|model| Value::from(model.model_name.as_str()))
+        .collect();
+    let schemas = &mut document["components"]["schemas"];
+    for request in [
+        "CompletionRequest",
+        "ChatCompletionRequest",
+        "EmbeddingRequest",
+        "TaskRequest",
+        "TokenizeRequest",
+        "DetokenizeRequest",
+    ] {
+        let model = &mut schemas[request]["properties"]["model"];
+        let mut allowed = names.clone();
+        // The task routes' `model` is optional.
+        if model["type"]
+            .as_array()
+            .is_some_and(|types| types.contains(&json!("null")))
+        {
+            allowed.push(Value::Null);
+        }
+        model["enum"] = Value::Array(allowed);
+    }
+    Json(document)
 }
 
 /// One operation: its summary, request body and success response.
@@ -239,6 +268,18 @@ fn build() -> Value {
             .as_object_mut()
             .map(|methods| methods.insert(operation.method.into(), entry));
     }
+    paths.insert(
+        "/metrics".into(),
+        json!({"get": {"summary": "Prometheus metrics", "operationId": "get_metrics",
+            "responses": {"200": {"description": "The text exposition format",
+                "content": {"text/plain": {"schema": {"type": "string"}}}}}}}),
+    );
+    paths.insert(
+        "/openapi.json".into(),
+        json!({"get": {"summary": "This description", "operationId": "get_openapi",
+            "responses": {"200": {"description": "OpenAPI 3.1",
+                "content": {"application/json": {"schema": {"type": "object"}}}}}}}),
+    );
     let mut schemas: Map<String, Value> = requests.take_definitions(true).into_iter().collect();
     for (name, schema) in responses.take_definitions(true) {
         // A type both read and written must be described the same way both times.
