@@ -447,7 +447,9 @@ def test_two_models_from_one_config_file(spawn_server: ServerFactory, tmp_path: 
         assert http.get("/ready").status_code == 200
 
 
-def test_schemathesis_against_our_own_openapi_description(spawn_server: ServerFactory) -> None:
+def test_schemathesis_against_our_own_openapi_description(
+    spawn_server: ServerFactory, tmp_path: Any
+) -> None:
     """A bounded, seeded schemathesis run on the bundled model: no 5xx, and every response
     conforms to /openapi.json."""
     import subprocess
@@ -471,6 +473,8 @@ def test_schemathesis_against_our_own_openapi_description(spawn_server: ServerFa
         capture_output=True,
         text=True,
         timeout=600,
+        # Its cache goes to the working directory.
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert "generated" in result.stdout and " 0 passed" not in result.stdout, result.stdout[-2000:]
