@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -452,10 +455,6 @@ def test_schemathesis_against_our_own_openapi_description(
 ) -> None:
     """A bounded, seeded schemathesis run on the bundled model: no 5xx, and every response
     conforms to /openapi.json."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
     server = spawn_server(model=None, name="schemathesis")
     schemathesis = Path(sys.executable).with_name("schemathesis")
     result = subprocess.run(

@@ -253,9 +253,3 @@ impl Constraint {
         self.matcher.is_stopped()
     }
 }
-
-/// Whether `mask` (as [`Constraint::mask`] gives it) allows `token`.
-pub fn allows(mask: &[u32], token: u32) -> bool {
-    mask.get(token as usize / 32)
-        .is_some_and(|word| word >> (token % 32) & 1 == 1)
-}

@@ -461,7 +461,7 @@ impl Settings {
                 .filter(|p| !p.is_empty())
                 .map(PathBuf::from)
         });
-        let file = match config_path {
+        let mut file = match config_path {
             None => PartialSettings::default(),
             Some(path) => {
                 let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
@@ -472,17 +472,10 @@ impl Settings {
             }
         };
         let env = PartialSettings::from_env(lookup)?;
-        let mut shared = PartialSettings::from_args(args).or(env);
+        let flags_and_env = PartialSettings::from_args(args).or(env);
         // `--model` (or CANDLEWICK_MODEL) serves exactly that model, whatever the file lists.
-        let entries = if shared.model.is_some() {
-            None
-        } else {
-            file.models.clone()
-        };
-        shared = shared.or(PartialSettings {
-            models: None,
-            ..file
-        });
+        let entries = file.models.take().filter(|_| flags_and_env.model.is_none());
+        let shared = flags_and_env.or(file);
         let mut settings = Self::resolve(shared.clone())?;
         if let Some(entries) = entries {
             settings.models = entries

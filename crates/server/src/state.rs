@@ -118,10 +118,16 @@ impl AppState {
         })
     }
 
-    /// A fresh constraint for `structured`, compiled against the model's vocabulary; an
-    /// invalid grammar is a 400 naming the field and quoting the grammar engine. Blocks: call it
-    /// off the async runtime.
-    pub fn constraint(&self, structured: &StructuredOutput) -> Result<Constraint, ApiError> {
+    /// A fresh constraint for `structured` (none without it), compiled against the model's
+    /// vocabulary; an invalid grammar is a 400 naming the field and quoting the grammar engine.
+    /// Blocks: call it off the async runtime.
+    pub fn constraint(
+        &self,
+        structured: Option<&StructuredOutput>,
+    ) -> Result<Option<Constraint>, ApiError> {
+        let Some(structured) = structured else {
+            return Ok(None);
+        };
         let Engine::Generator {
             scheduler, grammar, ..
         } = &self.engine
@@ -137,12 +143,15 @@ impl AppState {
             })
             .as_ref()
             .map_err(|error| ApiError::invalid(structured.param, error.to_string()))?;
-        compiler.compile(&structured.grammar).map_err(|error| {
-            ApiError::invalid(
-                structured.param,
-                format!("{} cannot be used: {error}", structured.param),
-            )
-        })
+        compiler
+            .compile(&structured.grammar)
+            .map(Some)
+            .map_err(|error| {
+                ApiError::invalid(
+                    structured.param,
+                    format!("{} cannot be used: {error}", structured.param),
+                )
+            })
     }
 
     /// What the served model does, as a pipeline task name.

@@ -84,17 +84,45 @@ pub struct ToolPlan {
     pub parallel: bool,
 }
 
-/// A call read from the reply, as OpenAI returns it.
-#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
+/// A tool call as OpenAI writes it: read back from a reply, or given in an assistant message of
+/// the history.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct ToolCall {
     pub id: String,
+    /// Always "function".
     #[serde(rename = "type")]
-    pub kind: &'static str,
+    pub kind: String,
     pub function: FunctionCall,
 }
 
+impl ToolCall {
+    /// The call as HF chat templates read it from the history: `{"id", "type", "function":
+    /// {"name", "arguments"}}` with the arguments as the JSON value they encode (kept as text
+    /// when they are not JSON).
+    pub fn template_value(self) -> Result<Value, ApiError> {
+        if self.kind != "function" {
+            return Err(ApiError::invalid(
+                "messages",
+                format!(
+                    "tool calls of type {:?} are not supported: only \"function\"",
+                    self.kind
+                ),
+            ));
+        }
+        let arguments = serde_json::from_str::<Value>(&self.function.arguments)
+            .unwrap_or(Value::String(self.function.arguments));
+        Ok(json!({
+            "id": self.id,
+            "type": "function",
+            "function": {"name": self.function.name, "arguments": arguments},
+        }))
+    }
+}
+
 /// The called function, with its arguments as JSON text.
-#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct FunctionCall {
     pub name: String,
     pub arguments: String,
@@ -255,7 +283,7 @@ impl ToolPlan {
             .filter(|(name, _)| self.tools.iter().any(|tool| &tool.function.name == name))
             .map(|(name, arguments)| ToolCall {
                 id: call_id(),
-                kind: "function",
+                kind: "function".into(),
                 function: FunctionCall {
                     name,
                     arguments: arguments.to_string(),

@@ -1263,11 +1263,21 @@ async fn requests_and_responses_match_the_servers_own_openapi_description() {
     // Streamed chunks, each `data:` one chunk as the stream's schema says.
     let request = json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
         "max_tokens": 4, "stream": true, "stream_options": {"include_usage": true}});
-    let (_, text) = send(app(), post("/v1/chat/completions", request.to_string())).await;
+    let tool_request = json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+        "tools": weather_tools(),
+        "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+        "max_tokens": 200, "temperature": 0, "stream": true});
     let chunk_pointer = "/paths/~1v1~1chat~1completions/post/responses/200/content/text~1event-stream/schema/x-chunk";
-    for data in sse_data(&text).iter().filter(|data| *data != "[DONE]") {
-        openapi.check(chunk_pointer, &serde_json::from_str(data).unwrap());
+    let mut tool_call_chunks = 0;
+    for request in [request, tool_request] {
+        let (_, text) = send(app(), post("/v1/chat/completions", request.to_string())).await;
+        for data in sse_data(&text).iter().filter(|data| *data != "[DONE]") {
+            let chunk: Value = serde_json::from_str(data).unwrap();
+            openapi.check(chunk_pointer, &chunk);
+            tool_call_chunks += usize::from(chunk["choices"][0]["delta"]["tool_calls"].is_array());
+        }
     }
+    assert_eq!(tool_call_chunks, 1);
     for (path, pointer) in [
         ("/v1/models", ok_pointer("get", "/v1/models")),
         (

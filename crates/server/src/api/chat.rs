@@ -91,7 +91,7 @@ pub struct ChatMessage {
     pub content: Option<MessageContent>,
     pub name: Option<String>,
     /// An assistant message's earlier tool calls.
-    pub tool_calls: Option<Vec<RequestToolCall>>,
+    pub tool_calls: Option<Vec<ToolCall>>,
     /// A tool message's answer to this call.
     pub tool_call_id: Option<String>,
     /// An assistant message's earlier refusal.
@@ -100,24 +100,6 @@ pub struct ChatMessage {
     pub audio: Option<Value>,
     /// An assistant message's deprecated function call: refused.
     pub function_call: Option<Value>,
-}
-
-/// A tool call in an assistant message of the history.
-#[derive(Debug, Clone, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct RequestToolCall {
-    pub id: String,
-    #[serde(rename = "type")]
-    pub kind: String,
-    pub function: RequestFunctionCall,
-}
-
-/// The function a history tool call named, with its arguments as JSON text.
-#[derive(Debug, Clone, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct RequestFunctionCall {
-    pub name: String,
-    pub arguments: String,
 }
 
 /// A message's content: text, or a list of `{"type": "text", "text": ...}` parts.
@@ -353,7 +335,7 @@ impl ChatMessage {
             .map(|calls| {
                 calls
                     .into_iter()
-                    .map(RequestToolCall::into_template_value)
+                    .map(ToolCall::template_value)
                     .collect::<Result<Vec<_>, _>>()
             })
             .transpose()?;
@@ -364,29 +346,6 @@ impl ChatMessage {
             tool_calls,
             tool_call_id: self.tool_call_id,
         })
-    }
-}
-
-impl RequestToolCall {
-    /// `{"id", "type": "function", "function": {"name", "arguments"}}` with the arguments as
-    /// the JSON value they encode (kept as text when they are not JSON).
-    fn into_template_value(self) -> Result<Value, ApiError> {
-        if self.kind != "function" {
-            return Err(ApiError::invalid(
-                "messages",
-                format!(
-                    "tool calls of type {:?} are not supported: only \"function\"",
-                    self.kind
-                ),
-            ));
-        }
-        let arguments = serde_json::from_str::<Value>(&self.function.arguments)
-            .unwrap_or(Value::String(self.function.arguments));
-        Ok(serde_json::json!({
-            "id": self.id,
-            "type": "function",
-            "function": {"name": self.function.name, "arguments": arguments},
-        }))
     }
 }
 

@@ -112,7 +112,7 @@ fn load_generator_state(
     };
     let loaded = load_generator(source, &options)
         .with_context(|| format!("loading {}", source.display_name()))?;
-    let weight_mib = super::bench::weight_bytes(source, &options, false).unwrap_or(0) >> 20;
+    let weight_mib = super::weight_bytes(source, &options, false).unwrap_or(0) >> 20;
     let max_context = loaded.generator.max_context();
     let (max_input_tokens, max_total_tokens) = settings.token_limits(max_context)?;
     tracing::info!(
@@ -153,7 +153,7 @@ fn load_encoder_state(
     };
     let loaded = load_encoder(source, &options)
         .with_context(|| format!("loading {}", source.display_name()))?;
-    let weight_mib = super::bench::weight_bytes(source, &options, false).unwrap_or(0) >> 20;
+    let weight_mib = super::weight_bytes(source, &options, false).unwrap_or(0) >> 20;
     let max_positions = loaded.model.max_positions();
     let (max_input_tokens, _) = settings.token_limits(max_positions)?;
     let task = loaded.model.task().name();

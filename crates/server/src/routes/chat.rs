@@ -31,15 +31,12 @@ pub async fn create(
     let state = served.get(&plan.model)?;
     let (messages, options) = (plan.messages, plan.template_options);
     let rendering = Arc::clone(state);
-    let structured = plan.structured.clone();
+    let structured = plan.structured;
     let (prompt, constraint) = blocking(move || {
         let text = rendering.chat_template()?.render(&messages, &options)?;
         // The template writes the special tokens (BOS) itself.
         let prompt = rendering.tokenizer.encode(&text, false)?;
-        let constraint = structured
-            .map(|structured| rendering.constraint(&structured))
-            .transpose()?;
-        Ok((prompt, constraint))
+        Ok((prompt, rendering.constraint(structured.as_ref())?))
     })
     .await?;
     let prompts = [prompt];

@@ -30,13 +30,10 @@ pub async fn create(
     let prompts = plan.prompts;
     let tokenizer = Arc::clone(&state.tokenizer);
     let compiling = Arc::clone(state);
-    let structured = plan.structured.clone();
+    let structured = plan.structured;
     let (ids, echoes, constraint) = blocking(move || {
         let (ids, echoes) = tokenize(&tokenizer, prompts, echo)?;
-        let constraint = structured
-            .map(|structured| compiling.constraint(&structured))
-            .transpose()?;
-        Ok((ids, echoes, constraint))
+        Ok((ids, echoes, compiling.constraint(structured.as_ref())?))
     })
     .await?;
     let submitted =

@@ -85,125 +85,101 @@ fn build() -> Value {
                         "required": ["status"]});
     let model_parameter = json!({"name": "model", "in": "path", "required": true,
                                  "schema": {"type": "string"}});
+    let post = |path, summary, request, response| Operation {
+        method: "post",
+        path,
+        summary,
+        request: Some(request),
+        response,
+        streams: None,
+        parameters: Vec::new(),
+    };
+    let get = |path, summary, response| Operation {
+        method: "get",
+        request: None,
+        ..post(path, summary, Value::Null, response)
+    };
+    let task = of::<TaskRequest>(&mut requests);
     let operations = vec![
         Operation {
-            method: "post",
-            path: "/v1/completions",
-            summary: "Continues prompts (OpenAI's legacy completions)",
-            request: Some(of::<CompletionRequest>(&mut requests)),
-            response: of::<CompletionResponse>(&mut responses),
             streams: Some(of::<CompletionResponse>(&mut responses)),
-            parameters: Vec::new(),
+            ..post(
+                "/v1/completions",
+                "Continues prompts (OpenAI's legacy completions)",
+                of::<CompletionRequest>(&mut requests),
+                of::<CompletionResponse>(&mut responses),
+            )
         },
         Operation {
-            method: "post",
-            path: "/v1/chat/completions",
-            summary: "Answers a conversation (OpenAI's chat completions)",
-            request: Some(of::<ChatCompletionRequest>(&mut requests)),
-            response: of::<ChatCompletionResponse>(&mut responses),
             streams: Some(of::<ChatCompletionChunk>(&mut responses)),
-            parameters: Vec::new(),
+            ..post(
+                "/v1/chat/completions",
+                "Answers a conversation (OpenAI's chat completions)",
+                of::<ChatCompletionRequest>(&mut requests),
+                of::<ChatCompletionResponse>(&mut responses),
+            )
         },
+        post(
+            "/v1/embeddings",
+            "Embeds texts (OpenAI's embeddings)",
+            of::<EmbeddingRequest>(&mut requests),
+            of::<EmbeddingResponse>(&mut responses),
+        ),
+        post(
+            "/v1/classify",
+            "Text classification, as transformers' pipeline",
+            task.clone(),
+            json!({"type": "array", "items": of::<text_classification::Output>(&mut responses)}),
+        ),
+        post(
+            "/v1/token-classify",
+            "Token classification, as transformers' pipeline",
+            task.clone(),
+            of::<token_classification::Output>(&mut responses),
+        ),
+        post(
+            "/v1/question-answering",
+            "Extractive question answering, as transformers' pipeline",
+            task.clone(),
+            of::<question_answering::Output>(&mut responses),
+        ),
+        post(
+            "/v1/fill-mask",
+            "Fill-mask, as transformers' pipeline",
+            task,
+            of::<fill_mask::Output>(&mut responses),
+        ),
+        get(
+            "/v1/models",
+            "The served models",
+            of::<ModelList>(&mut responses),
+        ),
         Operation {
-            method: "post",
-            path: "/v1/embeddings",
-            summary: "Embeds texts (OpenAI's embeddings)",
-            request: Some(of::<EmbeddingRequest>(&mut requests)),
-            response: of::<EmbeddingResponse>(&mut responses),
-            streams: None,
-            parameters: Vec::new(),
-        },
-        Operation {
-            method: "post",
-            path: "/v1/classify",
-            summary: "Text classification, as transformers' pipeline",
-            request: Some(of::<TaskRequest>(&mut requests)),
-            response: json!({"type": "array", "items":
-                of::<text_classification::Output>(&mut responses)}),
-            streams: None,
-            parameters: Vec::new(),
-        },
-        Operation {
-            method: "post",
-            path: "/v1/token-classify",
-            summary: "Token classification, as transformers' pipeline",
-            request: Some(of::<TaskRequest>(&mut requests)),
-            response: of::<token_classification::Output>(&mut responses),
-            streams: None,
-            parameters: Vec::new(),
-        },
-        Operation {
-            method: "post",
-            path: "/v1/question-answering",
-            summary: "Extractive question answering, as transformers' pipeline",
-            request: Some(of::<TaskRequest>(&mut requests)),
-            response: of::<question_answering::Output>(&mut responses),
-            streams: None,
-            parameters: Vec::new(),
-        },
-        Operation {
-            method: "post",
-            path: "/v1/fill-mask",
-            summary: "Fill-mask, as transformers' pipeline",
-            request: Some(of::<TaskRequest>(&mut requests)),
-            response: of::<fill_mask::Output>(&mut responses),
-            streams: None,
-            parameters: Vec::new(),
-        },
-        Operation {
-            method: "get",
-            path: "/v1/models",
-            summary: "The served models",
-            request: None,
-            response: of::<ModelList>(&mut responses),
-            streams: None,
-            parameters: Vec::new(),
-        },
-        Operation {
-            method: "get",
-            path: "/v1/models/{model}",
-            summary: "One served model",
-            request: None,
-            response: of::<Model>(&mut responses),
-            streams: None,
             parameters: vec![model_parameter],
+            ..get(
+                "/v1/models/{model}",
+                "One served model",
+                of::<Model>(&mut responses),
+            )
         },
-        Operation {
-            method: "post",
-            path: "/tokenize",
-            summary: "Token ids of a prompt or a rendered conversation",
-            request: Some(of::<TokenizeRequest>(&mut requests)),
-            response: of::<TokenizeResponse>(&mut responses),
-            streams: None,
-            parameters: Vec::new(),
-        },
-        Operation {
-            method: "post",
-            path: "/detokenize",
-            summary: "The text of token ids",
-            request: Some(of::<DetokenizeRequest>(&mut requests)),
-            response: of::<DetokenizeResponse>(&mut responses),
-            streams: None,
-            parameters: Vec::new(),
-        },
-        Operation {
-            method: "get",
-            path: "/health",
-            summary: "200 while the process serves",
-            request: None,
-            response: status.clone(),
-            streams: None,
-            parameters: Vec::new(),
-        },
-        Operation {
-            method: "get",
-            path: "/ready",
-            summary: "200 while every model's engine runs, 503 otherwise",
-            request: None,
-            response: status,
-            streams: None,
-            parameters: Vec::new(),
-        },
+        post(
+            "/tokenize",
+            "Token ids of a prompt or a rendered conversation",
+            of::<TokenizeRequest>(&mut requests),
+            of::<TokenizeResponse>(&mut responses),
+        ),
+        post(
+            "/detokenize",
+            "The text of token ids",
+            of::<DetokenizeRequest>(&mut requests),
+            of::<DetokenizeResponse>(&mut responses),
+        ),
+        get("/health", "200 while the process serves", status.clone()),
+        get(
+            "/ready",
+            "200 while every model's engine runs, 503 otherwise",
+            status,
+        ),
     ];
     let error = of::<ErrorEnvelope>(&mut responses);
     let error_response = |description: &str| {
